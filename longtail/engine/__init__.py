@@ -1,0 +1,3 @@
+from .trainer import LongTailTrainer, check_output_dir
+
+__all__ = ["LongTailTrainer", "check_output_dir"]

@@ -1,0 +1,148 @@
+"""LongTailTrainer: detectron2's DefaultTrainer plus what the long-tail recipes need."""
+import logging
+import os
+import weakref
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, create_ddp_model
+from detectron2.engine.train_loop import TrainerBase
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+from torch.nn.parallel import DistributedDataParallel
+
+from ..data import load_class_stats
+from ..evaluation import LongTailLVISEvaluator
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LongTailTrainer", "check_output_dir"]
+
+# Files whose presence means OUTPUT_DIR holds an earlier training run.
+_RUN_MARKERS = ("last_checkpoint", "model_final.pth")
+
+
+def check_output_dir(cfg, resume: bool) -> None:
+    """Refuse to start a fresh training run over the checkpoints of an earlier one.
+
+    Called before anything is written to OUTPUT_DIR, so that a forgotten ``--resume`` or a reused
+    directory never overwrites a user's checkpoints.
+    """
+    out = cfg.OUTPUT_DIR
+    found = [m for m in _RUN_MARKERS if os.path.exists(os.path.join(out, m))]
+    if found and not resume:
+        raise FileExistsError(
+            f"OUTPUT_DIR {out!r} already holds a training run ({', '.join(found)}). Pass --resume "
+            "to continue it, or choose another OUTPUT_DIR to start a new run; nothing was "
+            "overwritten."
+        )
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise PermissionError(
+            f"OUTPUT_DIR {out!r} cannot be written to ({e.strerror}). Choose a writable folder "
+            "with OUTPUT_DIR <path>."
+        ) from e
+
+
+def _with_full_model_grad_clip(optimizer, max_norm: float, norm_type: float):
+    """Clip the gradient norm over *all* parameters before each step (mmdetection's
+    ``grad_clip=dict(max_norm=..., norm_type=...)``, which the papers' recipes use).
+
+    detectron2's own CLIP_TYPE "norm" clips each parameter tensor separately, a different thing.
+    The optimizer object is kept (only its class gains the clipping step), so schedulers and
+    checkpoints see an ordinary optimizer.
+    """
+    base = type(optimizer)
+
+    class FullModelGradClipOptimizer(base):
+        def step(self, closure=None):
+            params = [p for group in self.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
+            return super().step(closure)
+
+    FullModelGradClipOptimizer.__name__ = f"FullModelGradClip{base.__name__}"
+    optimizer.__class__ = FullModelGradClipOptimizer
+    return optimizer
+
+
+class LongTailTrainer(DefaultTrainer):
+    """DefaultTrainer with the LVIS-style evaluator, class statistics, full-model gradient
+    clipping, method hooks, and DDP that also runs on CPU (gloo) for ``--num-gpus N`` without GPUs.
+
+    Repeat-factor sampling is detectron2's own ``RepeatFactorTrainingSampler``
+    (``DATALOADER.SAMPLER_TRAIN``), used as is.
+    """
+
+    def __init__(self, cfg):
+        # The construction order of DefaultTrainer.__init__, with one difference: detectron2's
+        # create_ddp_model always passes device_ids=[local_rank], which DistributedDataParallel
+        # rejects for CPU modules. There is no narrower seam to change that call.
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        # Every rank computes (or receives) the statistics before the model is built, because
+        # predictors read them in from_config and the broadcast needs all ranks at once.
+        class_stats = load_class_stats(cfg)
+        if comm.is_main_process():
+            class_stats.to_json(os.path.join(cfg.OUTPUT_DIR, "class_stats.json"))
+
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = self.wrap_ddp(model)
+        trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
+        self._trainer = trainer_cls(model, data_loader, optimizer)
+
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    @staticmethod
+    def wrap_ddp(model):
+        """DDP over all ranks; without device ids for a CPU model (gloo), as DDP requires."""
+        if comm.get_world_size() > 1 and next(model.parameters()).device.type == "cpu":
+            return DistributedDataParallel(model, device_ids=None, broadcast_buffers=False)
+        return create_ddp_model(model, broadcast_buffers=False)
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        clip = cfg.SOLVER.CLIP_GRADIENTS
+        if not (clip.ENABLED and clip.CLIP_TYPE == "full_model"):
+            return super().build_optimizer(cfg, model)
+        # Build the plain optimizer (upstream does not know "full_model"), then add the clipping.
+        plain = cfg.clone()
+        plain.defrost()
+        plain.SOLVER.CLIP_GRADIENTS.ENABLED = False
+        optimizer = super().build_optimizer(plain, model)
+        return _with_full_model_grad_clip(optimizer, clip.CLIP_VALUE, clip.NORM_TYPE)
+
+    def build_hooks(self):
+        """detectron2's default hooks, then those of the long-tail method (see method_hooks)."""
+        hooks = super().build_hooks()
+        return hooks + self.method_hooks()
+
+    def method_hooks(self):
+        """Hooks a method needs during training (e.g. logging a statistic it learns). The stock
+        and baseline predictors need none; a method that does adds them here."""
+        return []
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        stats = load_class_stats(cfg)
+        return LongTailLVISEvaluator(
+            dataset_name,
+            output_dir=output_folder,
+            train_instance_count=stats.instance_count,
+            train_image_count=stats.image_count,
+        )
