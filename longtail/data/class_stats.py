@@ -120,6 +120,17 @@ class ClassStats:
                 data = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"Class statistics file {path!r} is not valid json: {e}") from e
+        needs = (
+            "it needs `categories` (a list with `id`, `name`, `image_count` and `instance_count` "
+            "per category) and either `num_images` or an `images` list"
+        )
+        if not isinstance(data, dict):
+            raise ValueError(
+                f"Class statistics file {path!r} holds a json {type(data).__name__}, not a json "
+                f"object in LVIS form: {needs}."
+            )
+        if not isinstance(data.get("categories"), list):
+            raise ValueError(f"Class statistics file {path!r} has no `categories` list: {needs}.")
         try:
             cats = sorted(data["categories"], key=lambda c: c["id"])
             if "num_images" in data:
@@ -131,13 +142,19 @@ class ClassStats:
             image_count = tuple(int(c["image_count"]) for c in cats)
             instance_count = tuple(int(c["instance_count"]) for c in cats)
             names = tuple(str(c["name"]) for c in cats)
-        except (KeyError, TypeError) as e:
+        except KeyError as e:
+            raise ValueError(f"Class statistics file {path!r} lacks {e}: {needs}.") from e
+        except (TypeError, ValueError) as e:
             raise ValueError(
-                f"Class statistics file {path!r} lacks {e}: it needs `categories` with `id`, "
-                "`name`, `image_count` and `instance_count` per category, and either "
-                "`num_images` or an `images` list."
+                f"Class statistics file {path!r} has an unexpected structure ({e}): {needs}."
             ) from e
         frequency = tuple(c.get("frequency") or frequency_group(n) for c, n in zip(cats, image_count))
+        bad = sorted({f for f in frequency if f not in ("r", "c", "f")})
+        if bad:
+            raise ValueError(
+                f"Class statistics file {path!r} has `frequency` values {bad}; use 'r', 'c' or "
+                "'f', or leave the field out to derive it from `image_count`."
+            )
         return cls(names, instance_count, image_count, frequency, num_images)
 
     def to_json(self, path: str) -> None:

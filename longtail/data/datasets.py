@@ -40,6 +40,11 @@ def _read_json(json_file: str, what: str) -> dict:
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{what}: annotation file {json_file!r} is not valid json ({e}).") from e
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{what}: annotation file {json_file!r} holds a json {type(data).__name__}, not an "
+            "object with `images`, `annotations` and `categories` (is it a results file?)."
+        )
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             raise ValueError(
@@ -63,13 +68,14 @@ def load_lvis_style_json(json_file: str, image_root: str, dataset_name: str) -> 
     cat_ids = sorted(c["id"] for c in data["categories"])
     contiguous = {cid: k for k, cid in enumerate(cat_ids)}
     anns_by_image = {}
+    known = f"ids {cat_ids[0]}..{cat_ids[-1]}" if cat_ids else "the list is empty"
     for ann in data["annotations"]:
         cid = ann.get("category_id")
         if cid not in contiguous:
             raise ValueError(
                 f"{dataset_name}: annotation {ann.get('id')} (image {ann.get('image_id')}) in "
                 f"{json_file!r} has category_id {cid!r}, which is not in its `categories` "
-                f"(ids {cat_ids[0]}..{cat_ids[-1]}). Fix the annotation or add the category."
+                f"({known}). Fix the annotation or add the category."
             )
         anns_by_image.setdefault(ann["image_id"], []).append(ann)
     image_ids = {img["id"] for img in data["images"]}

@@ -265,7 +265,8 @@ def ensure_shapes_lt(root: str, spec: ShapesLTSpec = ShapesLTSpec()) -> str:
     """
     if _is_complete(root, spec):
         return root
-    if os.path.exists(root) and os.listdir(root):
+    # A second look: another rank may have finished its copy since the first.
+    if os.path.exists(root) and os.listdir(root) and not _is_complete(root, spec):
         raise RuntimeError(
             f"{root} exists but is not a complete shapes-lt folder (no info.json). Move or delete "
             "it, or point DETECTRON2_DATASETS elsewhere; it is never overwritten."

@@ -1,0 +1,139 @@
+"""Every YAML under configs/ loads through add_longtail_config and names registered things; the LVIS
+base carries the papers' recipe; config mistakes fail loudly."""
+
+import glob
+import os
+
+import pytest
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog
+from detectron2.modeling import build_model
+from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY
+
+from longtail import LONGTAIL_PREDICTOR_REGISTRY, add_longtail_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
+LVIS_BASE = os.path.join(REPO, "configs", "Base-LVISv1-RCNN-FPN.yaml")
+SHAPES_LT_BASE = os.path.join(REPO, "configs", "Base-ShapesLT-RCNN-FPN.yaml")
+
+
+def _load(path):
+    cfg = get_cfg()
+    add_longtail_config(cfg)
+    cfg.merge_from_file(path)
+    return cfg
+
+
+def _id(path):
+    return os.path.relpath(path, os.path.join(REPO, "configs"))
+
+
+def test_configs_are_found():
+    names = {_id(p) for p in CONFIGS}
+    assert {
+        "Base-LVISv1-RCNN-FPN.yaml",
+        "Base-ShapesLT-RCNN-FPN.yaml",
+        os.path.join("quick_schedules", "ce_instant_test.yaml"),
+    } <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=_id)
+def test_config_loads_and_names_registered_things(path):
+    cfg = _load(path)
+    assert cfg.MODEL.ROI_HEADS.NAME in ROI_HEADS_REGISTRY
+    assert cfg.MODEL.LONGTAIL.PREDICTOR in LONGTAIL_PREDICTOR_REGISTRY
+    registered = set(DatasetCatalog.list())
+    for name in tuple(cfg.DATASETS.TRAIN) + tuple(cfg.DATASETS.TEST):
+        assert name in registered, f"{_id(path)}: dataset {name!r} is not registered"
+    assert cfg.DATASETS.TRAIN, "a config without training data"
+
+
+@pytest.mark.parametrize(
+    "path", [p for p in CONFIGS if os.sep + "LVISv1" + os.sep in p or p == LVIS_BASE], ids=_id
+)
+def test_lvis_v1_configs_follow_the_paper_recipe(path):
+    cfg = _load(path)
+    assert cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN" and cfg.MODEL.MASK_ON
+    assert cfg.MODEL.RESNETS.DEPTH == 50
+    assert cfg.MODEL.BACKBONE.NAME == "build_resnet_fpn_backbone"
+    assert cfg.MODEL.WEIGHTS.endswith("ImageNetPretrained/MSRA/R-50.pkl")
+    assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 1203
+    assert cfg.MODEL.ROI_HEADS.NAME == "LongTailROIHeads"
+    assert cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST == pytest.approx(1e-4)
+    assert cfg.TEST.DETECTIONS_PER_IMAGE == 300
+    assert cfg.SOLVER.MAX_ITER == 90000
+    assert cfg.SOLVER.IMS_PER_BATCH == 16
+    assert tuple(cfg.DATASETS.TRAIN) == ("lvis_v1_train",)
+    assert tuple(cfg.DATASETS.TEST) == ("lvis_v1_val",)
+    leaf = os.path.basename(path)
+    if leaf.startswith(("ce_rfs_", "fed_")):
+        assert cfg.DATALOADER.SAMPLER_TRAIN == "RepeatFactorTrainingSampler"
+        assert cfg.DATALOADER.REPEAT_THRESHOLD == pytest.approx(0.001)
+    else:
+        assert cfg.DATALOADER.SAMPLER_TRAIN == "TrainingSampler"
+    if leaf.startswith("fed_"):
+        assert cfg.MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE and cfg.MODEL.ROI_BOX_HEAD.USE_FED_LOSS
+        assert cfg.MODEL.ROI_BOX_HEAD.FED_LOSS_NUM_CLASSES == 50
+    else:
+        assert not cfg.MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE and not cfg.MODEL.ROI_BOX_HEAD.USE_FED_LOSS
+
+
+def test_lvis_v1_leaves_exist():
+    leaves = {os.path.basename(p) for p in CONFIGS if os.sep + "LVISv1" + os.sep in p}
+    assert {
+        "ce_mask_rcnn_R_50_FPN_1x.yaml",
+        "ce_rfs_mask_rcnn_R_50_FPN_1x.yaml",
+        "fed_mask_rcnn_R_50_FPN_1x.yaml",
+    } <= leaves
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["MODEL.LONGTAIL.PREDICTR", "MODEL.ROI_HEADS.NUM_CLASS", "SOLVER.MAX_ITERS"],
+)
+def test_a_typo_in_a_yaml_names_the_key(tmp_path, key):
+    # A leaf that inherits from the real base through an absolute _BASE_ path.
+    *parents, leaf = key.split(".")
+    lines = [f'_BASE_: "{SHAPES_LT_BASE}"']
+    for depth, node in enumerate(parents):
+        lines.append("  " * depth + f"{node}:")
+    lines.append("  " * len(parents) + f"{leaf}: 1")
+    path = tmp_path / "typo.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(KeyError, match=key.replace(".", r"\.")):
+        _load(str(path))
+
+
+def test_unknown_predictor_fails_when_the_model_is_built():
+    cfg = _load(SHAPES_LT_BASE)
+    cfg.MODEL.LONGTAIL.PREDICTOR = "NoSuchOutputLayers"  # a string key: merging cannot catch it
+    with pytest.raises(KeyError, match="NoSuchOutputLayers") as err:
+        build_model(cfg)
+    message = str(err.value)
+    assert "MODEL.LONGTAIL.PREDICTOR" in message
+    known = sorted(name for name, _ in LONGTAIL_PREDICTOR_REGISTRY)
+    assert "FastRCNNOutputLayers" in known
+    for name in known:
+        assert name in message
+
+
+@pytest.mark.parametrize(
+    "path",
+    [p for p in CONFIGS if os.sep + "LVISv1" + os.sep not in p and p != LVIS_BASE]
+    + [os.path.join(REPO, "configs", "LVISv1", "fed_mask_rcnn_R_50_FPN_1x.yaml")],
+    ids=_id,
+)
+def test_config_builds_its_model(path):
+    # Building reads no dataset and no weights; the fed-loss leaves need the class image counts
+    # of DATASETS.TRAIN from the metadata (shapes-lt: the seed; LVIS: detectron2's builtin table).
+    cfg = _load(path)
+    cfg.MODEL.DEVICE = "cpu"
+    model = build_model(cfg)
+    predictor = model.roi_heads.box_predictor
+    assert type(predictor) is LONGTAIL_PREDICTOR_REGISTRY.get(cfg.MODEL.LONGTAIL.PREDICTOR)
+    assert predictor.num_classes == cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    assert predictor.use_fed_loss == cfg.MODEL.ROI_BOX_HEAD.USE_FED_LOSS
+    if predictor.use_fed_loss:
+        assert predictor.fed_loss_cls_weights.shape == (cfg.MODEL.ROI_HEADS.NUM_CLASSES,)
+        assert bool((predictor.fed_loss_cls_weights > 0).all())
