@@ -27,8 +27,8 @@ def setup(args):
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.freeze()
-    if not args.eval_only:
-        check_output_dir(cfg, resume=args.resume)
+    # Evaluating next to the checkpoints of a run is expected; a fresh training run over them is not.
+    check_output_dir(cfg, resume=args.resume or args.eval_only)
     if cfg.MODEL.DEVICE == "cpu" and comm.get_local_size() > 1:
         # One process per "GPU" on CPU: share the cores instead of oversubscribing them.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.get_local_size()))

@@ -126,20 +126,13 @@ def test_json_that_is_not_an_object(tmp_path, dataset_name):
         load_lvis_style_json(str(path), str(tmp_path), dataset_name)
 
 
-def test_class_stats_json_that_is_not_an_object(tmp_path):
-    path = tmp_path / "results.json"
-    path.write_text(json.dumps([{"image_id": 1}]))
-    with pytest.raises(ValueError, match="categories") as err:
-        ClassStats.from_json(str(path))
-    assert str(path) in str(err.value)
-
-
 def test_class_stats_json_that_is_not_an_object_is_explained(tmp_path):
     path = tmp_path / "results.json"
     path.write_text(json.dumps([{"image_id": 1}]))
     with pytest.raises(ValueError) as err:
         ClassStats.from_json(str(path))
     message = str(err.value)
+    assert str(path) in message
     assert "json object" in message and "list" in message
     assert "indices must be integers" not in message  # Python's internals are no explanation
 

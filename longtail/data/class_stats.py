@@ -13,12 +13,13 @@ Index k of every list is the contiguous class id k used by the model.
 """
 import json
 import logging
-import os
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils import comm
+
+from .json_io import read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -109,26 +110,16 @@ class ClassStats:
         Categories are sorted by id; contiguous id k is the k-th. A missing ``frequency`` is
         derived from ``image_count`` with the LVIS rule.
         """
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"Class statistics file {path!r} (MODEL.LONGTAIL.CLASS_STATS_PATH) does not exist. "
-                "Point the key at an LVIS-format json, or leave it empty to compute the statistics "
-                "from DATASETS.TRAIN."
-            )
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"Class statistics file {path!r} is not valid json: {e}") from e
+        data = read_json_object(
+            path,
+            "Class statistics file",
+            "Point MODEL.LONGTAIL.CLASS_STATS_PATH at an LVIS-format json, or leave it empty to "
+            "compute the statistics from DATASETS.TRAIN.",
+        )
         needs = (
             "it needs `categories` (a list with `id`, `name`, `image_count` and `instance_count` "
             "per category) and either `num_images` or an `images` list"
         )
-        if not isinstance(data, dict):
-            raise ValueError(
-                f"Class statistics file {path!r} holds a json {type(data).__name__}, not a json "
-                f"object in LVIS form: {needs}."
-            )
         if not isinstance(data.get("categories"), list):
             raise ValueError(f"Class statistics file {path!r} has no `categories` list: {needs}.")
         try:

@@ -4,7 +4,6 @@ LVIS v0.5/v1 themselves (``lvis_v1_train``, ``lvis_v1_val``, ...) are registered
 when ``detectron2.data`` is imported, under ``$DETECTRON2_DATASETS/{lvis,coco}``; nothing here
 re-registers them.
 """
-import json
 import logging
 import os
 from typing import List, Optional
@@ -13,6 +12,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
 from . import shapes_lt
+from .json_io import read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -30,21 +30,12 @@ def _datasets_root() -> str:
 
 
 def _read_json(json_file: str, what: str) -> dict:
-    if not os.path.isfile(json_file):
-        raise FileNotFoundError(
-            f"{what}: annotation file {json_file!r} does not exist. See datasets/README.md for the "
-            "expected layout, or set DETECTRON2_DATASETS to the folder that holds it."
-        )
-    try:
-        with open(json_file) as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{what}: annotation file {json_file!r} is not valid json ({e}).") from e
-    if not isinstance(data, dict):
-        raise ValueError(
-            f"{what}: annotation file {json_file!r} holds a json {type(data).__name__}, not an "
-            "object with `images`, `annotations` and `categories` (is it a results file?)."
-        )
+    data = read_json_object(
+        json_file,
+        f"{what}: annotation file",
+        "See datasets/README.md for the expected layout, or set DETECTRON2_DATASETS to the folder "
+        "that holds it.",
+    )
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             raise ValueError(

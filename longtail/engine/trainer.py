@@ -23,7 +23,7 @@ _RUN_MARKERS = ("last_checkpoint", "model_final.pth")
 
 
 def check_output_dir(cfg, resume: bool) -> None:
-    """Refuse to start a fresh training run over the checkpoints of an earlier one.
+    """Check that OUTPUT_DIR is writable and, unless ``resume``, holds no earlier training run.
 
     Called before anything is written to OUTPUT_DIR, so that a forgotten ``--resume`` or a reused
     directory never overwrites a user's checkpoints.
