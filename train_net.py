@@ -16,6 +16,7 @@ from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from longtail import add_longtail_config
 from longtail.engine import LongTailTrainer, check_output_dir
@@ -33,6 +34,9 @@ def setup(args):
         # One process per "GPU" on CPU: share the cores instead of oversubscribing them.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.get_local_size()))
     default_setup(cfg, args)
+    # longtail's own log lines (class statistics, evaluation tables, method statistics) go to the
+    # console and OUTPUT_DIR/log.txt like detectron2's.
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="longtail")
     return cfg
 
 

@@ -20,4 +20,25 @@ def add_longtail_config(cfg):
     # Per-class training statistics (instance/image counts, r/c/f) as a json in LVIS `categories`
     # form (plus an optional top-level `num_images`). Empty: computed from DATASETS.TRAIN.
     _C.MODEL.LONGTAIL.CLASS_STATS_PATH = ""
+    # Box classification layer of the long-tail predictors: "linear" (detectron2's nn.Linear) or
+    # "cosine" (scale * cosine similarity + bias; ECM, Seesaw and IIF recipes).
+    _C.MODEL.LONGTAIL.CLASSIFIER = "linear"
+    # Temperature tau of the cosine classifiers (box and CosineMaskRCNNConvUpsampleHead). [P] ECM: 20
+    _C.MODEL.LONGTAIL.COSINE_SCALE = 20.0
+    _add_ecm_config(_C)
     return cfg
+
+
+def _add_ecm_config(_C):
+    """ECM, Effective Class-Margins (Cho & Krähenbühl, ECCV 2022); see specs/ecm.md."""
+    _C.MODEL.LONGTAIL.ECM = CN()
+    # Which per-class count is n_c^+: "instance" (annotations; the authors' code) or "image".
+    _C.MODEL.LONGTAIL.ECM.COUNT_TYPE = "instance"
+    # r = #bg / #fg sampled RoIs; background pseudo-count n_bg = r * sum_c n_c (App. F eq. 35).
+    # [C] 6.3313, hard-coded by the authors for Mask R-CNN R50-FPN with 512 RoIs/image.
+    _C.MODEL.LONGTAIL.ECM.BG_RATIO = 6.3313
+    # Measure r instead ("the first few iterations", Sec. 4): count fg/bg labels of the sampled RoIs
+    # over the first MEASURE_ITERS iterations, summed over all ranks, then freeze r and the margins.
+    # Until then BG_RATIO is used. The measured r is saved in checkpoints and OUTPUT_DIR.
+    _C.MODEL.LONGTAIL.ECM.MEASURE_BG_RATIO = False
+    _C.MODEL.LONGTAIL.ECM.MEASURE_ITERS = 100

@@ -62,12 +62,13 @@ def test_lvis_v1_configs_follow_the_paper_recipe(path):
     assert cfg.MODEL.ROI_HEADS.NAME == "LongTailROIHeads"
     assert cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST == pytest.approx(1e-4)
     assert cfg.TEST.DETECTIONS_PER_IMAGE == 300
-    assert cfg.SOLVER.MAX_ITER == 90000
+    leaf = os.path.basename(path)
+    # 1x = 90k iterations at batch 16 (detectron2's LVIS 1x); 2x doubles it.
+    assert cfg.SOLVER.MAX_ITER == (180000 if "_2x" in leaf else 90000)
     assert cfg.SOLVER.IMS_PER_BATCH == 16
     assert tuple(cfg.DATASETS.TRAIN) == ("lvis_v1_train",)
     assert tuple(cfg.DATASETS.TEST) == ("lvis_v1_val",)
-    leaf = os.path.basename(path)
-    if leaf.startswith(("ce_rfs_", "fed_")):
+    if leaf.startswith(("ce_rfs_", "fed_", "ecm_")):
         assert cfg.DATALOADER.SAMPLER_TRAIN == "RepeatFactorTrainingSampler"
         assert cfg.DATALOADER.REPEAT_THRESHOLD == pytest.approx(0.001)
     else:
@@ -77,6 +78,27 @@ def test_lvis_v1_configs_follow_the_paper_recipe(path):
         assert cfg.MODEL.ROI_BOX_HEAD.FED_LOSS_NUM_CLASSES == 50
     else:
         assert not cfg.MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE and not cfg.MODEL.ROI_BOX_HEAD.USE_FED_LOSS
+
+
+@pytest.mark.parametrize("schedule", ["1x", "2x"])
+def test_ecm_lvis_configs_follow_the_authors_recipe(schedule):
+    # specs/ecm.md §5: cosine box and mask classifiers (tau 20), instance counts, r = 6.3313,
+    # 10k-iteration warm-up from 1e-4, global gradient-norm clip 5, LR steps at 8/12 and 11/12
+    # (1x) or 20/24 and 22/24 (2x) of the schedule.
+    cfg = _load(os.path.join(REPO, "configs", "LVISv1", f"ecm_mask_rcnn_R_50_FPN_{schedule}.yaml"))
+    ecm = cfg.MODEL.LONGTAIL.ECM
+    assert cfg.MODEL.LONGTAIL.PREDICTOR == "ECMOutputLayers"
+    assert cfg.MODEL.LONGTAIL.CLASSIFIER == "cosine" and cfg.MODEL.LONGTAIL.COSINE_SCALE == 20.0
+    assert cfg.MODEL.ROI_MASK_HEAD.NAME == "CosineMaskRCNNConvUpsampleHead"
+    assert ecm.COUNT_TYPE == "instance" and ecm.BG_RATIO == pytest.approx(6.3313)
+    assert not ecm.MEASURE_BG_RATIO
+    assert cfg.SOLVER.WARMUP_ITERS == 10000 and cfg.SOLVER.WARMUP_FACTOR == pytest.approx(1e-4)
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    assert clip.ENABLED and clip.CLIP_TYPE == "full_model" and clip.CLIP_VALUE == 5.0
+    assert clip.NORM_TYPE == 2.0
+    epochs = (8, 11, 12) if schedule == "1x" else (20, 22, 24)
+    expected = tuple(round(cfg.SOLVER.MAX_ITER * e / epochs[2]) for e in epochs[:2])
+    assert tuple(cfg.SOLVER.STEPS) == expected
 
 
 def test_lvis_v1_leaves_exist():

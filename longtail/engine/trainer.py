@@ -13,6 +13,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..data import load_class_stats
 from ..evaluation import LongTailLVISEvaluator
+from ..modeling.predictors import ECMOutputLayers
+from .hooks import ECMBackgroundRatioHook
 
 logger = logging.getLogger(__name__)
 
@@ -131,9 +133,12 @@ class LongTailTrainer(DefaultTrainer):
         return hooks + self.method_hooks()
 
     def method_hooks(self):
-        """Hooks a method needs during training (e.g. logging a statistic it learns). The stock
-        and baseline predictors need none; a method that does adds them here."""
-        return []
+        """Hooks the configured method needs during training (the baselines need none)."""
+        hooks = []
+        for module in self.model.modules():
+            if isinstance(module, ECMOutputLayers) and module.measure_iters > 0:
+                hooks.append(ECMBackgroundRatioHook(module, self.cfg.OUTPUT_DIR))
+        return hooks
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

@@ -1,6 +1,15 @@
-# Importing the modules registers LongTailROIHeads (ROI_HEADS_REGISTRY) and the predictors
+# Importing the modules registers LongTailROIHeads (ROI_HEADS_REGISTRY),
+# CosineMaskRCNNConvUpsampleHead (ROI_MASK_HEAD_REGISTRY) and the predictors
 # (LONGTAIL_PREDICTOR_REGISTRY).
+from .classifiers import CosineLinear, CosineMaskRCNNConvUpsampleHead, build_box_classifier
 from .predictors import LONGTAIL_PREDICTOR_REGISTRY, build_longtail_predictor
 from .roi_heads import LongTailROIHeads
 
-__all__ = ["LONGTAIL_PREDICTOR_REGISTRY", "LongTailROIHeads", "build_longtail_predictor"]
+__all__ = [
+    "CosineLinear",
+    "CosineMaskRCNNConvUpsampleHead",
+    "LONGTAIL_PREDICTOR_REGISTRY",
+    "LongTailROIHeads",
+    "build_box_classifier",
+    "build_longtail_predictor",
+]

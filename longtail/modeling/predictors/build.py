@@ -2,6 +2,8 @@
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
 from detectron2.utils.registry import Registry
 
+from .base import LongTailOutputLayers
+
 __all__ = ["LONGTAIL_PREDICTOR_REGISTRY", "build_longtail_predictor"]
 
 LONGTAIL_PREDICTOR_REGISTRY = Registry("LONGTAIL_PREDICTOR")
@@ -28,4 +30,10 @@ def build_longtail_predictor(cfg, input_shape, **overrides):
     if name not in LONGTAIL_PREDICTOR_REGISTRY:
         known = ", ".join(sorted(k for k, _ in LONGTAIL_PREDICTOR_REGISTRY))
         raise KeyError(f"MODEL.LONGTAIL.PREDICTOR {name!r} is not registered; known: {known}.")
-    return LONGTAIL_PREDICTOR_REGISTRY.get(name)(cfg, input_shape, **overrides)
+    predictor_cls = LONGTAIL_PREDICTOR_REGISTRY.get(name)
+    if cfg.MODEL.LONGTAIL.CLASSIFIER != "linear" and not issubclass(predictor_cls, LongTailOutputLayers):
+        raise ValueError(
+            f"MODEL.LONGTAIL.CLASSIFIER {cfg.MODEL.LONGTAIL.CLASSIFIER!r} needs a long-tail "
+            f"predictor; {name} always uses detectron2's linear layer. Set CLASSIFIER: linear."
+        )
+    return predictor_cls(cfg, input_shape, **overrides)
