@@ -223,3 +223,14 @@ def test_train_net_measures_saves_and_resumes_the_ratio(tmp_path, shapes_lt_root
     again = _ecm_state(os.path.join(out, "model_final.pth"))
     assert torch.equal(again["ecm_fg_bg_counts"], state["ecm_fg_bg_counts"])
     assert torch.equal(again["ecm_delta"], state["ecm_delta"])
+
+
+def test_stock_sigmoid_and_fed_keys_are_refused():
+    with pytest.raises(ValueError, match="USE_SIGMOID_CE and USE_FED_LOSS"):
+        ECMOutputLayers(
+            ShapeSpec(channels=FEATURES),
+            box2box_transform=Box2BoxTransform(weights=(10.0, 10.0, 5.0, 5.0)),
+            num_classes=len(COUNTS),
+            class_counts=COUNTS,
+            use_sigmoid_ce=True,
+        )

@@ -26,6 +26,13 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
             kwargs: upstream's arguments (see :class:`FastRCNNOutputLayers`).
         """
         super().__init__(input_shape, **kwargs)
+        if self.use_sigmoid_ce or self.use_fed_loss:
+            # Those keys switch the stock predictor's loss; a method brings its own.
+            raise ValueError(
+                f"{type(self).__name__} has its own classification loss: turn off "
+                "MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE and USE_FED_LOSS (they configure the stock "
+                "FastRCNNOutputLayers)."
+            )
         if classifier != "linear":
             self.cls_score = build_box_classifier(
                 classifier, self.cls_score.in_features, self.cls_score.out_features, cosine_scale
