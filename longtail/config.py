@@ -23,9 +23,13 @@ def add_longtail_config(cfg):
     # Box classification layer of the long-tail predictors: "linear" (detectron2's nn.Linear) or
     # "cosine" (scale * cosine similarity + bias; ECM, Seesaw and IIF recipes).
     _C.MODEL.LONGTAIL.CLASSIFIER = "linear"
-    # Temperature tau of the cosine classifiers (box and CosineMaskRCNNConvUpsampleHead). [P] ECM: 20
+    # Temperature tau of the cosine box classifier. [C] ECM: 20; IIF final recipe: 8.
     _C.MODEL.LONGTAIL.COSINE_SCALE = 20.0
+    # Temperature of the cosine mask logits of CosineMaskRCNNConvUpsampleHead (picked with
+    # MODEL.ROI_MASK_HEAD.NAME). [C] ECM and IIF: 20.
+    _C.MODEL.LONGTAIL.MASK_COSINE_SCALE = 20.0
     _add_ecm_config(_C)
+    _add_iif_config(_C)
     return cfg
 
 
@@ -42,3 +46,16 @@ def _add_ecm_config(_C):
     # Until then BG_RATIO is used. The measured r is saved in checkpoints and OUTPUT_DIR.
     _C.MODEL.LONGTAIL.ECM.MEASURE_BG_RATIO = False
     _C.MODEL.LONGTAIL.ECM.MEASURE_ITERS = 100
+
+
+def _add_iif_config(_C):
+    """IIF, Inverse Image Frequency (Alexandridis et al., IEEE TIP 2023); see specs/iif.md."""
+    _C.MODEL.LONGTAIL.IIF = CN()
+    # Weight w_c as a function of the class frequency (paper Sec. III, Table XIV): one of
+    # raw, smooth, relative, base2, base10, gombit, normit (functional/iif.py IIF_VARIANTS).
+    # [P] raw for the ablations; base10 (with COUNT_TYPE instance) for the final LVIS model.
+    _C.MODEL.LONGTAIL.IIF.VARIANT = "raw"
+    # Which count is the class frequency: "image" (IIF: images containing c, over K = the number
+    # of training images, as in the authors' code) or "instance" (IOF, "inverse object
+    # frequency": instances of c over K = all training instances).
+    _C.MODEL.LONGTAIL.IIF.COUNT_TYPE = "image"

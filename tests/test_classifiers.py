@@ -179,7 +179,7 @@ def _mask_cfg(name, cosine_scale=20.0):
     cfg = get_cfg()
     add_longtail_config(cfg)
     # Set (or, on a config that lacks the key, add) tau of the cosine logit conv.
-    cfg.MODEL.LONGTAIL.COSINE_SCALE = cosine_scale
+    cfg.MODEL.LONGTAIL.MASK_COSINE_SCALE = cosine_scale
     cfg.MODEL.ROI_MASK_HEAD.NAME = name
     cfg.MODEL.ROI_MASK_HEAD.NUM_CONV = 2
     cfg.MODEL.ROI_MASK_HEAD.CONV_DIM = 8

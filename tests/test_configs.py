@@ -68,7 +68,7 @@ def test_lvis_v1_configs_follow_the_paper_recipe(path):
     assert cfg.SOLVER.IMS_PER_BATCH == 16
     assert tuple(cfg.DATASETS.TRAIN) == ("lvis_v1_train",)
     assert tuple(cfg.DATASETS.TEST) == ("lvis_v1_val",)
-    if leaf.startswith(("ce_rfs_", "fed_", "ecm_")):
+    if leaf.startswith(("ce_rfs_", "fed_", "ecm_", "iif_")):
         assert cfg.DATALOADER.SAMPLER_TRAIN == "RepeatFactorTrainingSampler"
         assert cfg.DATALOADER.REPEAT_THRESHOLD == pytest.approx(0.001)
     else:
@@ -89,6 +89,7 @@ def test_ecm_lvis_configs_follow_the_authors_recipe(schedule):
     ecm = cfg.MODEL.LONGTAIL.ECM
     assert cfg.MODEL.LONGTAIL.PREDICTOR == "ECMOutputLayers"
     assert cfg.MODEL.LONGTAIL.CLASSIFIER == "cosine" and cfg.MODEL.LONGTAIL.COSINE_SCALE == 20.0
+    assert cfg.MODEL.LONGTAIL.MASK_COSINE_SCALE == 20.0
     assert cfg.MODEL.ROI_MASK_HEAD.NAME == "CosineMaskRCNNConvUpsampleHead"
     assert ecm.COUNT_TYPE == "instance" and ecm.BG_RATIO == pytest.approx(6.3313)
     assert not ecm.MEASURE_BG_RATIO
@@ -99,6 +100,23 @@ def test_ecm_lvis_configs_follow_the_authors_recipe(schedule):
     epochs = (8, 11, 12) if schedule == "1x" else (20, 22, 24)
     expected = tuple(round(cfg.SOLVER.MAX_ITER * e / epochs[2]) for e in epochs[:2])
     assert tuple(cfg.SOLVER.STEPS) == expected
+
+
+def test_iif_lvis_configs_follow_the_authors_recipes():
+    # specs/iif.md §3-4: raw IIF on image counts with a softmax head (Table XII); the final recipe
+    # without FASA: base-10 IOF, cosine box T = 8, cosine mask T = 20, NMS 0.3, 2x (steps 16, 22).
+    raw = _load(os.path.join(REPO, "configs", "LVISv1", "iif_raw_mask_rcnn_R_50_FPN_1x.yaml"))
+    assert raw.MODEL.LONGTAIL.PREDICTOR == "IIFOutputLayers"
+    assert (raw.MODEL.LONGTAIL.IIF.VARIANT, raw.MODEL.LONGTAIL.IIF.COUNT_TYPE) == ("raw", "image")
+    assert raw.MODEL.LONGTAIL.CLASSIFIER == "linear"
+    assert raw.SOLVER.WARMUP_ITERS == 500 and tuple(raw.SOLVER.STEPS) == (60000, 82500)
+    final = _load(os.path.join(REPO, "configs", "LVISv1", "iif_base10_iof_cos_mask_rcnn_R_50_FPN_2x.yaml"))
+    lt = final.MODEL.LONGTAIL
+    assert (lt.IIF.VARIANT, lt.IIF.COUNT_TYPE) == ("base10", "instance")
+    assert lt.CLASSIFIER == "cosine" and lt.COSINE_SCALE == 8.0 and lt.MASK_COSINE_SCALE == 20.0
+    assert final.MODEL.ROI_MASK_HEAD.NAME == "CosineMaskRCNNConvUpsampleHead"
+    assert final.MODEL.ROI_HEADS.NMS_THRESH_TEST == pytest.approx(0.3)
+    assert tuple(final.SOLVER.STEPS) == (120000, 165000) and final.SOLVER.MAX_ITER == 180000
 
 
 def test_lvis_v1_leaves_exist():

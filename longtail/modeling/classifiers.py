@@ -214,7 +214,7 @@ class CosineMaskRCNNConvUpsampleHead(MaskRCNNConvUpsampleHead):
     :class:`CosineConv2d1x1` with the same in/out channels and parameter names, so state dicts of
     the two heads have identical keys and shapes. Select it with
     ``MODEL.ROI_MASK_HEAD.NAME: CosineMaskRCNNConvUpsampleHead``; τ is
-    ``MODEL.LONGTAIL.COSINE_SCALE`` (shared with the cosine box classifier).
+    ``MODEL.LONGTAIL.MASK_COSINE_SCALE`` (the box classifier has its own, ``COSINE_SCALE``).
     """
 
     @configurable
@@ -240,7 +240,7 @@ class CosineMaskRCNNConvUpsampleHead(MaskRCNNConvUpsampleHead):
     @classmethod
     def from_config(cls, cfg, input_shape):
         ret = super().from_config(cfg, input_shape)
-        ret["cosine_scale"] = cfg.MODEL.LONGTAIL.COSINE_SCALE
+        ret["cosine_scale"] = cfg.MODEL.LONGTAIL.MASK_COSINE_SCALE
         return ret
 
 
