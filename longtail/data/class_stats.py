@@ -62,6 +62,13 @@ class ClassStats:
     def num_classes(self) -> int:
         return len(self.names)
 
+    def counts(self, count_type: str) -> Tuple[int, ...]:
+        """The per-class ``"instance"`` or ``"image"`` counts (a method's COUNT_TYPE key)."""
+        by_type = {"instance": self.instance_count, "image": self.image_count}
+        if count_type not in by_type:
+            raise ValueError(f"COUNT_TYPE must be 'instance' or 'image', got {count_type!r}")
+        return by_type[count_type]
+
     def group_counts(self) -> Dict[str, int]:
         """Number of classes in each of the r/c/f groups."""
         return {g: sum(f == g for f in self.frequency) for g in "rcf"}

@@ -63,11 +63,7 @@ class ECMOutputLayers(LongTailOutputLayers):
     def from_config(cls, cfg, input_shape):
         ret = super().from_config(cfg, input_shape)
         ecm = cfg.MODEL.LONGTAIL.ECM
-        stats = load_class_stats(cfg)
-        counts = {"instance": stats.instance_count, "image": stats.image_count}
-        if ecm.COUNT_TYPE not in counts:
-            raise ValueError(f"MODEL.LONGTAIL.ECM.COUNT_TYPE must be one of {sorted(counts)}")
-        ret["class_counts"] = counts[ecm.COUNT_TYPE]
+        ret["class_counts"] = load_class_stats(cfg).counts(ecm.COUNT_TYPE)
         ret["bg_ratio"] = ecm.BG_RATIO
         ret["measure_iters"] = ecm.MEASURE_ITERS if ecm.MEASURE_BG_RATIO else 0
         return ret

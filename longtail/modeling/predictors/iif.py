@@ -51,12 +51,9 @@ class IIFOutputLayers(LongTailOutputLayers):
         ret = super().from_config(cfg, input_shape)
         iif = cfg.MODEL.LONGTAIL.IIF
         stats = load_class_stats(cfg)
-        counts = {"image": stats.image_count, "instance": stats.instance_count}
-        if iif.COUNT_TYPE not in counts:
-            raise ValueError(f"MODEL.LONGTAIL.IIF.COUNT_TYPE must be one of {sorted(counts)}")
         if iif.VARIANT not in IIF_VARIANTS:
             raise ValueError(f"MODEL.LONGTAIL.IIF.VARIANT must be one of {list(IIF_VARIANTS)}")
-        ret["class_counts"] = counts[iif.COUNT_TYPE]
+        ret["class_counts"] = stats.counts(iif.COUNT_TYPE)
         ret["num_images"] = stats.num_images if iif.COUNT_TYPE == "image" else None
         ret["variant"] = iif.VARIANT
         return ret
