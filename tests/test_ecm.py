@@ -6,27 +6,22 @@ import os
 import pytest
 import torch
 from detectron2.engine import default_argument_parser, launch
-from detectron2.layers import ShapeSpec
-from detectron2.modeling.box_regression import Box2BoxTransform
-from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 import train_net
+from predictor_helpers import FEATURES, predictor_args, proposals_with_labels
 from longtail.functional.ecm import ecm_loss, ecm_margins
 from longtail.modeling.predictors import ECMOutputLayers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = os.path.join(REPO, "configs", "quick_schedules", "ce_instant_test.yaml")
 COUNTS = [10, 90, 5]
-FEATURES = 8
 
 
 def _predictor(measure_iters=0, bg_ratio=6.3313, classifier="linear"):
     torch.manual_seed(0)
     return ECMOutputLayers(
-        ShapeSpec(channels=FEATURES),
-        box2box_transform=Box2BoxTransform(weights=(10.0, 10.0, 5.0, 5.0)),
-        num_classes=len(COUNTS),
+        **predictor_args(len(COUNTS)),
         class_counts=COUNTS,
         bg_ratio=bg_ratio,
         measure_iters=measure_iters,
@@ -34,22 +29,8 @@ def _predictor(measure_iters=0, bg_ratio=6.3313, classifier="linear"):
     )
 
 
-def _proposals(labels_per_image):
-    """One Instances per image with the given gt_classes (background = 3)."""
-    proposals = []
-    for labels in labels_per_image:
-        n = len(labels)
-        inst = Instances((64, 64))
-        boxes = torch.tensor([[4.0, 4.0, 30.0, 30.0]]).repeat(n, 1) + torch.arange(n)[:, None]
-        inst.proposal_boxes = Boxes(boxes)
-        inst.gt_boxes = Boxes(boxes + 1.0)
-        inst.gt_classes = torch.tensor(labels, dtype=torch.long)
-        proposals.append(inst)
-    return proposals
-
-
 def _losses(predictor, labels_per_image):
-    proposals = _proposals(labels_per_image)
+    proposals = proposals_with_labels(labels_per_image)
     num = sum(len(p) for p in proposals)
     features = torch.randn(num, FEATURES, generator=torch.Generator().manual_seed(num))
     with EventStorage():
@@ -73,7 +54,7 @@ def test_loss_is_the_functional_ecm_loss_with_the_configured_margins():
 def test_inference_probabilities_background_last():
     predictor = _predictor(classifier="cosine")
     predictor.eval()
-    proposals = _proposals([[3, 3, 0], [1]])
+    proposals = proposals_with_labels([[3, 3, 0], [1]])
     with torch.no_grad():
         predictions = predictor(torch.randn(4, FEATURES))
         probs = torch.cat(predictor.predict_probs(predictions, proposals))
@@ -228,9 +209,7 @@ def test_train_net_measures_saves_and_resumes_the_ratio(tmp_path, shapes_lt_root
 def test_stock_sigmoid_and_fed_keys_are_refused():
     with pytest.raises(ValueError, match="USE_SIGMOID_CE and USE_FED_LOSS"):
         ECMOutputLayers(
-            ShapeSpec(channels=FEATURES),
-            box2box_transform=Box2BoxTransform(weights=(10.0, 10.0, 5.0, 5.0)),
-            num_classes=len(COUNTS),
+            **predictor_args(len(COUNTS)),
             class_counts=COUNTS,
             use_sigmoid_ce=True,
         )

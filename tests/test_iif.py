@@ -1,16 +1,15 @@
 """IIFOutputLayers: the predictor against functional/iif.py, inference, empty batches, zero-count
 classes, checkpointed weights, and a short train_net run."""
+import json
 import os
 
 import pytest
 import torch
 from detectron2.engine import default_argument_parser
-from detectron2.layers import ShapeSpec
-from detectron2.modeling.box_regression import Box2BoxTransform
-from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 import train_net
+from predictor_helpers import FEATURES, predictor_args, proposals_with_labels
 from longtail.functional.iif import IIF_VARIANTS, iif_loss, iif_weights
 from longtail.modeling.predictors import IIFOutputLayers
 
@@ -18,33 +17,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = os.path.join(REPO, "configs", "quick_schedules", "ce_instant_test.yaml")
 COUNTS = [20, 7, 1, 0]  # the last class has no training image at all
 NUM_IMAGES = 50
-FEATURES = 8
 
 
 def _predictor(variant="raw", classifier="linear"):
     torch.manual_seed(0)
     return IIFOutputLayers(
-        ShapeSpec(channels=FEATURES),
-        box2box_transform=Box2BoxTransform(weights=(10.0, 10.0, 5.0, 5.0)),
-        num_classes=len(COUNTS),
+        **predictor_args(len(COUNTS)),
         class_counts=COUNTS,
         num_images=NUM_IMAGES,
         variant=variant,
         classifier=classifier,
         cosine_scale=8.0,
     )
-
-
-def _proposals(labels_per_image):
-    proposals = []
-    for labels in labels_per_image:
-        inst = Instances((64, 64))
-        boxes = torch.tensor([[4.0, 4.0, 30.0, 30.0]]).repeat(len(labels), 1)
-        inst.proposal_boxes = Boxes(boxes)
-        inst.gt_boxes = Boxes(boxes + 1.0)
-        inst.gt_classes = torch.tensor(labels, dtype=torch.long)
-        proposals.append(inst)
-    return proposals
 
 
 @pytest.mark.parametrize("variant", IIF_VARIANTS)
@@ -55,7 +39,7 @@ def test_loss_and_probs_use_the_weights_of_the_variant(variant):
     assert torch.isfinite(predictor.iif_weights).all()  # zero-count class included
 
     labels = [[0, 4, 4, 3], [1, 2]]
-    proposals = _proposals(labels)
+    proposals = proposals_with_labels(labels)
     with EventStorage():
         predictions = predictor(torch.randn(6, FEATURES))
         losses = predictor.losses(predictions, proposals)
@@ -74,7 +58,7 @@ def test_loss_and_probs_use_the_weights_of_the_variant(variant):
 @pytest.mark.parametrize("labels", [[[]], [[4, 4, 4], [4]]], ids=["empty", "all_background"])
 def test_empty_and_all_background_batches_backprop(labels):
     predictor = _predictor("base10")
-    proposals = _proposals(labels)
+    proposals = proposals_with_labels(labels)
     num = sum(len(p) for p in proposals)
     with EventStorage():
         losses = predictor.losses(predictor(torch.randn(num, FEATURES)), proposals)
@@ -86,9 +70,7 @@ def test_empty_and_all_background_batches_backprop(labels):
 def test_weights_are_restored_from_the_checkpoint():
     trained = _predictor("base10")
     other = IIFOutputLayers(
-        ShapeSpec(channels=FEATURES),
-        box2box_transform=Box2BoxTransform(weights=(10.0, 10.0, 5.0, 5.0)),
-        num_classes=len(COUNTS),
+        **predictor_args(len(COUNTS)),
         class_counts=[1, 1, 1, 1],
         num_images=NUM_IMAGES,
         variant="base10",
@@ -115,8 +97,6 @@ def test_train_net_with_iif(tmp_path, shapes_lt_root):
     train_net.main(args)
     model = torch.load(os.path.join(out, "model_final.pth"))["model"]
     saved = model["roi_heads.box_predictor.iif_weights"]
-    import json
-
     with open(os.path.join(out, "class_stats.json")) as f:
         stats = json.load(f)
     counts = torch.tensor([c["instance_count"] for c in stats["categories"]], dtype=torch.float64)

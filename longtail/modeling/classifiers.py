@@ -133,14 +133,15 @@ class CosineLinear(nn.Module):
         )
 
 
-class CosineConv2d1x1(nn.Module):
+class CosineConv2d1x1(CosineLinear):
     """1x1 conv whose per-pixel logits are ``scale * cos(f[n, :, i, j], w_m) + b_m``.
 
     The feature vector of each pixel is L2-normalised over channels and each output filter over its
     input channels ("Norm Mask", specs/seesaw.md §2.6; ecm.md §5). ``weight`` is stored as
     (M, Cin, 1, 1) and ``bias`` as (M,), the shapes and names of detectron2's mask ``predictor``
     conv, so a mask head checkpoint maps 1:1. ``in_channels`` / ``out_channels`` are exposed like
-    ``nn.Conv2d``.
+    ``nn.Conv2d``. It is :class:`CosineLinear` applied at every pixel: same arguments, same
+    normalisation; only the weight's shape, the init and the forward's layout differ.
 
     Init: kaiming-normal (fan_out, ReLU gain) weights and bias 0. That is the init mmdet's
     FCNMaskHead applies to its ``conv_logits`` (seesaw.md §2.6), and the ECM, Seesaw and IIF
@@ -158,27 +159,18 @@ class CosineConv2d1x1(nn.Module):
         bias: bool = True,
         eps: float = 1e-6,
     ):
-        """
-        Args:
-            in_channels: Cin.
-            out_channels: M, the number of mask classes.
-            scale: the temperature τ multiplying the cosine.
-            bias: whether to add a learned per-class bias (not scaled by τ).
-            eps: added to both norms so that an all-zero pixel gives finite logits (= bias).
-        """
-        super().__init__()
-        if not (math.isfinite(scale) and scale > 0):
-            raise ValueError(f"CosineConv2d1x1: scale must be finite and > 0, got {scale}")
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.scale = float(scale)
-        self.eps = float(eps)
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, 1, 1))
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_channels))
-        else:
-            self.register_parameter("bias", None)
-        self.reset_parameters()
+        """Arguments as :class:`CosineLinear` (in_channels = Cin, out_channels = M)."""
+        super().__init__(in_channels, out_channels, scale=scale, bias=bias, eps=eps)
+        # detectron2's mask predictor stores its 1x1 kernel as (M, Cin, 1, 1).
+        self.weight = nn.Parameter(self.weight.detach().view(out_channels, in_channels, 1, 1))
+
+    @property
+    def in_channels(self) -> int:
+        return self.in_features
+
+    @property
+    def out_channels(self) -> int:
+        return self.out_features
 
     def reset_parameters(self) -> None:
         """Kaiming-normal fan_out weights, bias 0 (see the class docstring for why)."""
@@ -198,12 +190,6 @@ class CosineConv2d1x1(nn.Module):
         # For a 1x1 kernel, the norm over dim 1 is the norm over the whole filter.
         w_n = _normalize(self.weight, dim=1, eps=self.eps)
         return F.conv2d(x_n * self.scale, w_n, self.bias)
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_channels={self.in_channels}, out_channels={self.out_channels}, "
-            f"scale={self.scale}, bias={self.bias is not None}, eps={self.eps}"
-        )
 
 
 @ROI_MASK_HEAD_REGISTRY.register()
