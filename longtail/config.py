@@ -28,9 +28,40 @@ def add_longtail_config(cfg):
     # Temperature of the cosine mask logits of CosineMaskRCNNConvUpsampleHead (picked with
     # MODEL.ROI_MASK_HEAD.NAME). [C] ECM and IIF: 20.
     _C.MODEL.LONGTAIL.MASK_COSINE_SCALE = 20.0
+    _add_decoupled_config(_C)
+    _add_bags_config(_C)
     _add_ecm_config(_C)
     _add_iif_config(_C)
     return cfg
+
+
+def _add_decoupled_config(_C):
+    """Decoupled (two-stage) training: stage 2 starts from a stage-1 detector in MODEL.WEIGHTS,
+    re-initialises some of its weights and trains only some parameters (BAGS' recipe; cRT-style
+    classifier retraining in general). Both lists are parameter-name prefixes, e.g.
+    "roi_heads.box_predictor.cls_score"; an entry that matches nothing in the model is an error."""
+    _C.MODEL.LONGTAIL.DECOUPLED = CN()
+    # Weights that are NOT loaded from MODEL.WEIGHTS but keep their fresh initialisation (the log
+    # lists every such key). Applies only when training starts from MODEL.WEIGHTS; --resume loads
+    # the stage-2 run's own checkpoint in full.
+    _C.MODEL.LONGTAIL.DECOUPLED.REINIT = []
+    # If non-empty, only these parameters train: every other parameter gets requires_grad=False
+    # and every BatchNorm without a trainable parameter becomes a FrozenBatchNorm2d, so frozen
+    # parts keep their stage-1 statistics too. Empty: everything trains (the usual run).
+    _C.MODEL.LONGTAIL.DECOUPLED.TRAIN_ONLY = []
+
+
+def _add_bags_config(_C):
+    """BAGS, Balanced Group Softmax (Li et al., CVPR 2020); see specs/bags.md."""
+    _C.MODEL.LONGTAIL.BAGS = CN()
+    # Group boundaries s^l/s^h on the training *instance* count of each class (not image count):
+    # class j is in group 1 + #{edges <= count_j}, so the default gives [0,10), [10,100),
+    # [100,1000), [1000,inf) plus the background group G0. [P][C] (10, 100, 1000); the ablation's
+    # N=2 is (100,), N=8 is (5, 10, 50, 100, 500, 1000, 5000). Empty groups are dropped.
+    _C.MODEL.LONGTAIL.BAGS.BIN_EDGES = [10, 100, 1000]
+    # beta: each group with in-group positives also trains on floor(beta * #positives) "others"
+    # RoIs drawn at random from the rest of the batch (per rank). [P][C] 8.
+    _C.MODEL.LONGTAIL.BAGS.OTHERS_SAMPLE_RATIO = 8.0
 
 
 def _add_ecm_config(_C):

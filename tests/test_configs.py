@@ -15,6 +15,7 @@ from longtail import LONGTAIL_PREDICTOR_REGISTRY, add_longtail_config
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
 LVIS_BASE = os.path.join(REPO, "configs", "Base-LVISv1-RCNN-FPN.yaml")
+LVIS_V05_BASE = os.path.join(REPO, "configs", "Base-LVISv0.5-RCNN-FPN.yaml")
 SHAPES_LT_BASE = os.path.join(REPO, "configs", "Base-ShapesLT-RCNN-FPN.yaml")
 
 
@@ -57,12 +58,17 @@ def test_lvis_v1_configs_follow_the_paper_recipe(path):
     assert cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN" and cfg.MODEL.MASK_ON
     assert cfg.MODEL.RESNETS.DEPTH == 50
     assert cfg.MODEL.BACKBONE.NAME == "build_resnet_fpn_backbone"
-    assert cfg.MODEL.WEIGHTS.endswith("ImageNetPretrained/MSRA/R-50.pkl")
+    leaf = os.path.basename(path)
+    if leaf.startswith("bags_stage2_"):
+        # BAGS stage 2 starts from stage 1 and keeps the authors' score threshold (test_bags_...).
+        assert cfg.MODEL.WEIGHTS.endswith("bags_stage1_mask_rcnn_R_50_FPN_1x/model_final.pth")
+        assert cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST == pytest.approx(1e-3)
+    else:
+        assert cfg.MODEL.WEIGHTS.endswith("ImageNetPretrained/MSRA/R-50.pkl")
+        assert cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST == pytest.approx(1e-4)
     assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 1203
     assert cfg.MODEL.ROI_HEADS.NAME == "LongTailROIHeads"
-    assert cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST == pytest.approx(1e-4)
     assert cfg.TEST.DETECTIONS_PER_IMAGE == 300
-    leaf = os.path.basename(path)
     # 1x = 90k iterations at batch 16 (detectron2's LVIS 1x); 2x doubles it.
     assert cfg.SOLVER.MAX_ITER == (180000 if "_2x" in leaf else 90000)
     assert cfg.SOLVER.IMS_PER_BATCH == 16
@@ -119,6 +125,34 @@ def test_iif_lvis_configs_follow_the_authors_recipes():
     assert tuple(final.SOLVER.STEPS) == (120000, 165000) and final.SOLVER.MAX_ITER == 180000
 
 
+@pytest.mark.parametrize("version", ["v1", "v0.5"])
+def test_bags_lvis_configs_follow_the_authors_recipe(version):
+    # specs/bags.md §4: stage 1 = softmax CE, no RFS, warm-up 500 from 1/3, clip 35; stage 2 loads
+    # it, re-initialises and trains only the box classifier, groups 10/100/1000, beta 8, no RFS,
+    # score threshold 1e-3; both 12 epochs with LR steps after epochs 8 and 11.
+    folder = os.path.join(REPO, "configs", f"LVIS{version}")
+    stage1 = _load(os.path.join(folder, "bags_stage1_mask_rcnn_R_50_FPN_1x.yaml"))
+    stage2 = _load(os.path.join(folder, "bags_stage2_mask_rcnn_R_50_FPN_1x.yaml"))
+    assert stage1.MODEL.ROI_HEADS.NUM_CLASSES == (1203 if version == "v1" else 1230)
+    assert stage1.DATASETS.TRAIN == (f"lvis_{version}_train",)
+    assert stage1.MODEL.LONGTAIL.PREDICTOR == "FastRCNNOutputLayers"
+    assert stage2.MODEL.WEIGHTS == os.path.join(stage1.OUTPUT_DIR, "model_final.pth")
+    assert stage2.OUTPUT_DIR != stage1.OUTPUT_DIR
+    lt = stage2.MODEL.LONGTAIL
+    assert lt.PREDICTOR == "BAGSOutputLayers" and lt.CLASSIFIER == "linear"
+    assert list(lt.BAGS.BIN_EDGES) == [10, 100, 1000] and lt.BAGS.OTHERS_SAMPLE_RATIO == 8.0
+    assert list(lt.DECOUPLED.REINIT) == list(lt.DECOUPLED.TRAIN_ONLY) == ["roi_heads.box_predictor.cls_score"]
+    assert stage2.MODEL.ROI_HEADS.SCORE_THRESH_TEST == pytest.approx(1e-3)
+    for cfg in (stage1, stage2):
+        assert cfg.DATALOADER.SAMPLER_TRAIN == "TrainingSampler"
+        assert cfg.SOLVER.WARMUP_ITERS == 500 and cfg.SOLVER.WARMUP_FACTOR == pytest.approx(1 / 3)
+        clip = cfg.SOLVER.CLIP_GRADIENTS
+        assert clip.ENABLED and clip.CLIP_TYPE == "full_model" and clip.CLIP_VALUE == 35.0
+        steps = tuple(cfg.SOLVER.STEPS)
+        assert steps == pytest.approx((cfg.SOLVER.MAX_ITER * 8 / 12, cfg.SOLVER.MAX_ITER * 11 / 12), rel=0.01)
+        assert cfg.TEST.DETECTIONS_PER_IMAGE == 300
+
+
 def test_lvis_v1_leaves_exist():
     leaves = {os.path.basename(p) for p in CONFIGS if os.sep + "LVISv1" + os.sep in p}
     assert {
@@ -160,7 +194,7 @@ def test_unknown_predictor_fails_when_the_model_is_built():
 
 @pytest.mark.parametrize(
     "path",
-    [p for p in CONFIGS if os.sep + "LVISv1" + os.sep not in p and p != LVIS_BASE]
+    [p for p in CONFIGS if os.sep + "LVISv" not in p and p not in (LVIS_BASE, LVIS_V05_BASE)]
     + [os.path.join(REPO, "configs", "LVISv1", "fed_mask_rcnn_R_50_FPN_1x.yaml")],
     ids=_id,
 )

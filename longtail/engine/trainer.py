@@ -14,6 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..data import load_class_stats
 from ..evaluation import LongTailLVISEvaluator
 from ..modeling.predictors import ECMOutputLayers
+from .decoupled import StageTwoCheckpointer, train_only
 from .hooks import ECMBackgroundRatioHook
 
 logger = logging.getLogger(__name__)
@@ -102,11 +103,29 @@ class LongTailTrainer(DefaultTrainer):
         self._trainer = trainer_cls(model, data_loader, optimizer)
 
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = self.build_checkpointer(cfg, model, trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_model(cls, cfg):
+        """The detector of cfg; for a decoupled stage 2 (``DECOUPLED.TRAIN_ONLY``) with all other
+        parameters frozen."""
+        model = super().build_model(cfg)
+        if cfg.MODEL.LONGTAIL.DECOUPLED.TRAIN_ONLY:
+            train_only(model, cfg.MODEL.LONGTAIL.DECOUPLED.TRAIN_ONLY)
+        return model
+
+    @staticmethod
+    def build_checkpointer(cfg, model, **checkpointables):
+        """The training checkpointer; a decoupled stage 2 (``DECOUPLED.REINIT``) loads its
+        stage-1 weights through :class:`StageTwoCheckpointer`."""
+        reinit = cfg.MODEL.LONGTAIL.DECOUPLED.REINIT
+        if reinit:
+            return StageTwoCheckpointer(model, cfg.OUTPUT_DIR, reinit=reinit, **checkpointables)
+        return DetectionCheckpointer(model, cfg.OUTPUT_DIR, **checkpointables)
 
     @staticmethod
     def wrap_ddp(model):

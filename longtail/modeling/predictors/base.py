@@ -1,8 +1,10 @@
 """The common base of the long-tail predictors."""
+from typing import Optional
+
 import torch
 from detectron2.config import configurable
 from detectron2.layers import cat
-from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
+from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers, _log_classification_stats
 
 from ..classifiers import build_box_classifier
 
@@ -18,11 +20,21 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
     """
 
     @configurable
-    def __init__(self, input_shape, *, classifier: str = "linear", cosine_scale: float = 20.0, **kwargs):
+    def __init__(
+        self,
+        input_shape,
+        *,
+        classifier: str = "linear",
+        cosine_scale: float = 20.0,
+        num_logits: Optional[int] = None,
+        **kwargs,
+    ):
         """
         Args:
             classifier: "linear" (upstream's layer) or "cosine" (see ``modeling/classifiers.py``).
             cosine_scale: the cosine classifier's temperature.
+            num_logits: outputs of ``cls_score``; None means one per class plus background
+                (K+1). Methods whose logits are not one per class (BAGS) pass their own.
             kwargs: upstream's arguments (see :class:`FastRCNNOutputLayers`).
         """
         super().__init__(input_shape, **kwargs)
@@ -33,9 +45,10 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
                 "MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE and USE_FED_LOSS (they configure the stock "
                 "FastRCNNOutputLayers)."
             )
-        if classifier != "linear":
+        num_logits = self.cls_score.out_features if num_logits is None else num_logits
+        if classifier != "linear" or num_logits != self.cls_score.out_features:
             self.cls_score = build_box_classifier(
-                classifier, self.cls_score.in_features, self.cls_score.out_features, cosine_scale
+                classifier, self.cls_score.in_features, num_logits, cosine_scale
             )
 
     @classmethod
@@ -49,27 +62,43 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
         """The method's classification loss.
 
         Args:
-            scores: (R, K+1) class logits, background last.
+            scores: (R, L) logits of ``cls_score`` (L = K+1 class logits, background last,
+                unless the method passed its own ``num_logits``).
             gt_classes: (R,) labels in [0, K], K = background.
         """
         raise NotImplementedError
 
     def class_probs(self, scores: torch.Tensor) -> torch.Tensor:
-        """(R, K+1) logits -> (R, K+1) class scores used at inference (background last)."""
+        """(R, L) logits -> (R, K+1) class scores used at inference (background last)."""
         raise NotImplementedError
 
     def losses(self, predictions, proposals):
-        # Upstream computes the box regression loss (and logs the classification accuracy); only
-        # its classification term is replaced.
-        losses = super().losses(predictions, proposals)
-        scores, _ = predictions
-        if len(proposals):
+        """The method's classification loss and upstream's box regression loss.
+
+        Upstream's ``losses`` is not reused because it also evaluates softmax CE on the logits
+        (a wasted (R, K+1) pass at LVIS scale) and logs accuracies from an argmax over raw logits,
+        which is meaningless for methods whose logits are not one per class (BAGS' groups). The
+        accuracies here come from :meth:`class_probs`.
+        """
+        scores, proposal_deltas = predictions
+        if proposals:
             gt_classes = cat([p.gt_classes for p in proposals], dim=0)
+            proposal_boxes = cat([p.proposal_boxes.tensor for p in proposals], dim=0)
+            # Images without annotations have no gt_boxes; their RoIs are all background, so the
+            # regression loss ignores whatever stands in for the targets.
+            gt_boxes = cat(
+                [(p.gt_boxes if p.has("gt_boxes") else p.proposal_boxes).tensor for p in proposals], dim=0
+            )
         else:
             gt_classes = torch.empty(0, dtype=torch.long, device=scores.device)
-        loss_cls = self.classification_loss(scores, gt_classes)
-        losses["loss_cls"] = loss_cls * self.loss_weight.get("loss_cls", 1.0)
-        return losses
+            proposal_boxes = gt_boxes = torch.empty((0, 4), device=scores.device)
+        with torch.no_grad():
+            _log_classification_stats(self.class_probs(scores.detach()), gt_classes)
+        losses = {
+            "loss_cls": self.classification_loss(scores, gt_classes),
+            "loss_box_reg": self.box_reg_loss(proposal_boxes, gt_boxes, proposal_deltas, gt_classes),
+        }
+        return {k: v * self.loss_weight.get(k, 1.0) for k, v in losses.items()}
 
     def predict_probs(self, predictions, proposals):
         scores, _ = predictions
