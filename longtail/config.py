@@ -31,7 +31,10 @@ def add_longtail_config(cfg):
     _add_decoupled_config(_C)
     _add_bags_config(_C)
     _add_ecm_config(_C)
+    _add_eqlv2_config(_C)
     _add_iif_config(_C)
+    _add_lda_config(_C)
+    _add_seesaw_config(_C)
     return cfg
 
 
@@ -90,3 +93,67 @@ def _add_iif_config(_C):
     # of training images, as in the authors' code) or "instance" (IOF, "inverse object
     # frequency": instances of c over K = all training instances).
     _C.MODEL.LONGTAIL.IIF.COUNT_TYPE = "image"
+
+
+def _add_eqlv2_config(_C):
+    """EQL v2, Equalization Loss v2 (Tan et al., CVPR 2021); see specs/eqlv2.md."""
+    _C.MODEL.LONGTAIL.EQLV2 = CN()
+    # Mapping f(g) = 1 / (1 + exp(-GAMMA (g - MU))) of the accumulated positive/negative gradient
+    # ratio g of each class; negatives are weighted f(g), positives 1 + ALPHA (1 - f(g)).
+    # [C] gamma 12, mu 0.8, alpha 4 (also PCB's values).
+    _C.MODEL.LONGTAIL.EQLV2.GAMMA = 12.0
+    _C.MODEL.LONGTAIL.EQLV2.MU = 0.8
+    _C.MODEL.LONGTAIL.EQLV2.ALPHA = 4.0
+    # Every classifier bias starts at -log((1 - pi) / pi) (sigmoid prior pi). [C] 0.001.
+    _C.MODEL.LONGTAIL.EQLV2.PRIOR_PROB = 0.001
+    # Test score sigmoid(z_c) * (1 - sigmoid(z_bg)) (True, [C]) or the raw sigmoid(z_c) (False).
+    _C.MODEL.LONGTAIL.EQLV2.TEST_WITH_OBJ = True
+
+
+def _add_seesaw_config(_C):
+    """Seesaw loss (Wang et al., CVPR 2021); see specs/seesaw.md. Its cosine box classifier is
+    MODEL.LONGTAIL.CLASSIFIER "cosine" (COSINE_SCALE 20), its normalised mask head
+    MODEL.ROI_MASK_HEAD.NAME "CosineMaskRCNNConvUpsampleHead"."""
+    _C.MODEL.LONGTAIL.SEESAW = CN()
+    # Mitigation exponent p: class i's penalty on a rarer class j is scaled (N_j / N_i)^p. [P][C] 0.8
+    _C.MODEL.LONGTAIL.SEESAW.P = 0.8
+    # Compensation exponent q: a misclassification into j is scaled (sigma_j / sigma_i)^q. [P][C] 2.0
+    _C.MODEL.LONGTAIL.SEESAW.Q = 2.0
+    # Floor of sigma_i in the compensation factor. [C] 0.01
+    _C.MODEL.LONGTAIL.SEESAW.EPS = 0.01
+    # All-reduce the per-iteration RoI label counts so every rank holds the global cumulative counts
+    # (True). False keeps per-rank counts, as the reference mmdetection code.
+    _C.MODEL.LONGTAIL.SEESAW.SYNC_COUNTS = True
+
+
+def _add_lda_config(_C):
+    """LDA, Long-tailed Distribution Adaptation (Peng et al., ACM MM 2021); see specs/lda.md.
+    Symbols of the paper's eq. 9/10: L = eps_u + lambda_b * alpha * eps_b + beta (L_intra + L_inter)."""
+    _C.MODEL.LONGTAIL.LDA = CN()
+    # gamma: alpha = max(mean acc(h') - mean acc(h), 0) ** gamma, accuracies in percent over the
+    # last WINDOW iterations. [P] 1.5 on LVIS.
+    _C.MODEL.LONGTAIL.LDA.GAMMA = 1.5
+    # beta: weight of the divergence terms L_intra + L_inter on the projected features. [P] 0.1.
+    _C.MODEL.LONGTAIL.LDA.BETA = 0.1
+    # Delta m: margin of the inter-class hinge max(0, margin - (1 - cos(mu_i, mu_j))). [P] 1.
+    _C.MODEL.LONGTAIL.LDA.MARGIN = 1.0
+    # lambda_u and lambda_b: weights of the unbalanced (h') and balanced (h) risks.
+    # [C] 1 and 2 (the paper's eq. 9 implies 1 and 1).
+    _C.MODEL.LONGTAIL.LDA.UNBALANCED_WEIGHT = 1.0
+    _C.MODEL.LONGTAIL.LDA.BALANCED_WEIGHT = 2.0
+    # d: output size of the linear projection head p. [C] 128.
+    _C.MODEL.LONGTAIL.LDA.PROJECTION_DIM = 128
+    # L: iterations in the accuracy window of alpha. [C] 100.
+    _C.MODEL.LONGTAIL.LDA.WINDOW = 100
+    # > 0: use this alpha instead of the adaptive one (the paper's fixed-alpha ablation).
+    _C.MODEL.LONGTAIL.LDA.FIXED_ALPHA = -1.0
+    # Reduction of the balanced risk eps_b: "code" (sum of w_y CE with w_c = 1 / (C n_c), the
+    # authors' code), "mean" (mean of N_tot / (C n_c) weighted CE: the code form x N_tot / N) or
+    # "self_norm" (weighted mean, sum w CE / sum w). The scale differs by orders of magnitude at
+    # LVIS scale; see README.md (LDA) for the one the configs use.
+    _C.MODEL.LONGTAIL.LDA.BALANCED_NORM = "code"
+    # Weights of the inter-class pairs: "none" (plain mean, the code default), "code" (normalised
+    # (w_i + w_j)) or "paper" (unnormalised (w_i + w_j), eq. 8).
+    _C.MODEL.LONGTAIL.LDA.INTER_WEIGHTING = "none"
+    # Which count is n_c: "instance" (annotations) or "image". [D] instance.
+    _C.MODEL.LONGTAIL.LDA.COUNT_TYPE = "instance"

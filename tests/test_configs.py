@@ -69,12 +69,19 @@ def test_lvis_v1_configs_follow_the_paper_recipe(path):
     assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 1203
     assert cfg.MODEL.ROI_HEADS.NAME == "LongTailROIHeads"
     assert cfg.TEST.DETECTIONS_PER_IMAGE == 300
-    # 1x = 90k iterations at batch 16 (detectron2's LVIS 1x); 2x doubles it.
-    assert cfg.SOLVER.MAX_ITER == (180000 if "_2x" in leaf else 90000)
-    assert cfg.SOLVER.IMS_PER_BATCH == 16
+    # 1x = 90k iterations at batch 16 (detectron2's LVIS 1x); 2x doubles it. EQL v2 keeps its
+    # authors' 12 epochs without RFS, ~75k iterations (test_eqlv2_lvis_config_...).
+    # LDA keeps the paper's batch 8 over 12 / 24 epochs (test_lda_lvis_configs_...).
+    if leaf.startswith("eqlv2_"):
+        assert cfg.SOLVER.MAX_ITER == 75000
+    elif leaf.startswith("lda_"):
+        assert cfg.SOLVER.MAX_ITER == (300000 if "_2x" in leaf else 150000)
+    else:
+        assert cfg.SOLVER.MAX_ITER == (180000 if "_2x" in leaf else 90000)
+    assert cfg.SOLVER.IMS_PER_BATCH == (8 if leaf.startswith("lda_") else 16)
     assert tuple(cfg.DATASETS.TRAIN) == ("lvis_v1_train",)
     assert tuple(cfg.DATASETS.TEST) == ("lvis_v1_val",)
-    if leaf.startswith(("ce_rfs_", "fed_", "ecm_", "iif_")):
+    if leaf.startswith(("ce_rfs_", "fed_", "ecm_", "iif_", "seesaw_", "lda_")):
         assert cfg.DATALOADER.SAMPLER_TRAIN == "RepeatFactorTrainingSampler"
         assert cfg.DATALOADER.REPEAT_THRESHOLD == pytest.approx(0.001)
     else:
@@ -125,6 +132,46 @@ def test_iif_lvis_configs_follow_the_authors_recipes():
     assert tuple(final.SOLVER.STEPS) == (120000, 165000) and final.SOLVER.MAX_ITER == 180000
 
 
+def test_eqlv2_lvis_config_follows_the_authors_recipe():
+    # specs/eqlv2.md §4: gamma 12, mu 0.8, alpha 4, prior 0.001, objectness at test time, linear
+    # classifier and stock mask head, no RFS, 512 RoIs/image, warm-up 500 from 0.001, 12 epochs
+    # ~ 75k iterations with LR steps after epochs 8 and 11.
+    cfg = _load(os.path.join(REPO, "configs", "LVISv1", "eqlv2_mask_rcnn_R_50_FPN_1x.yaml"))
+    lt = cfg.MODEL.LONGTAIL
+    assert lt.PREDICTOR == "EQLv2OutputLayers" and lt.CLASSIFIER == "linear"
+    assert (lt.EQLV2.GAMMA, lt.EQLV2.MU, lt.EQLV2.ALPHA) == (12.0, 0.8, 4.0)
+    assert lt.EQLV2.PRIOR_PROB == pytest.approx(0.001) and lt.EQLV2.TEST_WITH_OBJ
+    assert cfg.MODEL.ROI_MASK_HEAD.NAME == "MaskRCNNConvUpsampleHead"
+    assert cfg.DATALOADER.SAMPLER_TRAIN == "TrainingSampler"
+    assert cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE == 512
+    assert cfg.MODEL.ROI_HEADS.POSITIVE_FRACTION == pytest.approx(0.25)
+    assert cfg.MODEL.ROI_HEADS.NMS_THRESH_TEST == pytest.approx(0.5)
+    assert cfg.SOLVER.WARMUP_ITERS == 500 and cfg.SOLVER.WARMUP_FACTOR == pytest.approx(1e-3)
+    assert cfg.SOLVER.MAX_ITER == 75000
+    assert tuple(cfg.SOLVER.STEPS) == (round(75000 * 8 / 12), round(75000 * 11 / 12))
+    assert not cfg.SOLVER.CLIP_GRADIENTS.ENABLED
+
+
+def test_seesaw_lvis_config_follows_the_authors_recipe():
+    # specs/seesaw.md §4: p 0.8, q 2, eps 0.01, synchronised counts, cosine box classifier tau 20,
+    # "Norm Mask" tau 20, RFS t = 0.001, 512 RoIs/image, warm-up 500 from 0.001, 2x on 180k
+    # iterations with LR steps after epochs 16 and 22 of 24.
+    cfg = _load(os.path.join(REPO, "configs", "LVISv1", "seesaw_mask_rcnn_R_50_FPN_2x.yaml"))
+    lt = cfg.MODEL.LONGTAIL
+    assert lt.PREDICTOR == "SeesawOutputLayers"
+    assert (lt.SEESAW.P, lt.SEESAW.Q, lt.SEESAW.EPS) == (0.8, 2.0, 0.01) and lt.SEESAW.SYNC_COUNTS
+    assert lt.CLASSIFIER == "cosine" and lt.COSINE_SCALE == 20.0 and lt.MASK_COSINE_SCALE == 20.0
+    assert cfg.MODEL.ROI_MASK_HEAD.NAME == "CosineMaskRCNNConvUpsampleHead"
+    assert cfg.DATALOADER.SAMPLER_TRAIN == "RepeatFactorTrainingSampler"
+    assert cfg.DATALOADER.REPEAT_THRESHOLD == pytest.approx(0.001)
+    assert cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE == 512
+    assert cfg.MODEL.ROI_HEADS.NMS_THRESH_TEST == pytest.approx(0.5)
+    assert cfg.SOLVER.WARMUP_ITERS == 500 and cfg.SOLVER.WARMUP_FACTOR == pytest.approx(1e-3)
+    assert cfg.SOLVER.MAX_ITER == 180000
+    assert tuple(cfg.SOLVER.STEPS) == (round(180000 * 16 / 24), round(180000 * 22 / 24))
+    assert not cfg.SOLVER.CLIP_GRADIENTS.ENABLED
+
+
 @pytest.mark.parametrize("version", ["v1", "v0.5"])
 def test_bags_lvis_configs_follow_the_authors_recipe(version):
     # specs/bags.md §4: stage 1 = softmax CE, no RFS, warm-up 500 from 1/3, clip 35; stage 2 loads
@@ -151,6 +198,26 @@ def test_bags_lvis_configs_follow_the_authors_recipe(version):
         steps = tuple(cfg.SOLVER.STEPS)
         assert steps == pytest.approx((cfg.SOLVER.MAX_ITER * 8 / 12, cfg.SOLVER.MAX_ITER * 11 / 12), rel=0.01)
         assert cfg.TEST.DETECTIONS_PER_IMAGE == 300
+
+
+@pytest.mark.parametrize("schedule", ["1x", "2x"])
+def test_lda_lvis_configs_follow_the_paper_recipe(schedule):
+    # specs/lda.md §5: batch 8, LR 0.01, RFS, gamma 1.5, beta 0.1, margin 1; the authors' code
+    # lambda_b 2, d 128, window 100, code-form balanced risk; 12 (24) epochs of 100,170 images,
+    # LR x0.1 after epochs 8 and 11 (16 and 22); warm-up 1000 from 0.001.
+    cfg = _load(os.path.join(REPO, "configs", "LVISv1", f"lda_mask_rcnn_R_50_FPN_{schedule}.yaml"))
+    lda = cfg.MODEL.LONGTAIL.LDA
+    assert cfg.MODEL.LONGTAIL.PREDICTOR == "LDAOutputLayers"
+    assert (lda.GAMMA, lda.BETA, lda.MARGIN) == (1.5, 0.1, 1.0)
+    assert (lda.UNBALANCED_WEIGHT, lda.BALANCED_WEIGHT) == (1.0, 2.0)
+    assert (lda.PROJECTION_DIM, lda.WINDOW, lda.FIXED_ALPHA) == (128, 100, -1.0)
+    assert (lda.BALANCED_NORM, lda.INTER_WEIGHTING, lda.COUNT_TYPE) == ("code", "none", "instance")
+    assert cfg.SOLVER.IMS_PER_BATCH == 8 and cfg.SOLVER.BASE_LR == pytest.approx(0.01)
+    assert cfg.SOLVER.WARMUP_ITERS == 1000 and cfg.SOLVER.WARMUP_FACTOR == pytest.approx(0.001)
+    epochs = (8, 11, 12) if schedule == "1x" else (16, 22, 24)
+    iters_per_epoch = 100170 / 8
+    assert cfg.SOLVER.MAX_ITER == pytest.approx(epochs[2] * iters_per_epoch, rel=0.002)
+    assert tuple(cfg.SOLVER.STEPS) == tuple(round(cfg.SOLVER.MAX_ITER * e / epochs[2]) for e in epochs[:2])
 
 
 def test_lvis_v1_leaves_exist():

@@ -58,8 +58,10 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
         ret["cosine_scale"] = cfg.MODEL.LONGTAIL.COSINE_SCALE
         return ret
 
-    def classification_loss(self, scores: torch.Tensor, gt_classes: torch.Tensor) -> torch.Tensor:
-        """The method's classification loss.
+    def classification_loss(self, scores: torch.Tensor, gt_classes: torch.Tensor):
+        """The method's classification loss: a scalar (logged as ``loss_cls``) or, for a loss of
+        several terms, a dict of named scalars whose keys start with ``loss_`` (each is logged and
+        added to the total).
 
         Args:
             scores: (R, L) logits of ``cls_score`` (L = K+1 class logits, background last,
@@ -94,8 +96,11 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
             proposal_boxes = gt_boxes = torch.empty((0, 4), device=scores.device)
         with torch.no_grad():
             _log_classification_stats(self.class_probs(scores.detach()), gt_classes)
+        classification = self.classification_loss(scores, gt_classes)
+        if not isinstance(classification, dict):
+            classification = {"loss_cls": classification}
         losses = {
-            "loss_cls": self.classification_loss(scores, gt_classes),
+            **classification,
             "loss_box_reg": self.box_reg_loss(proposal_boxes, gt_boxes, proposal_deltas, gt_classes),
         }
         return {k: v * self.loss_weight.get(k, 1.0) for k, v in losses.items()}
