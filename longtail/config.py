@@ -34,6 +34,7 @@ def add_longtail_config(cfg):
     _add_eqlv2_config(_C)
     _add_iif_config(_C)
     _add_lda_config(_C)
+    _add_pcb_config(_C)
     _add_seesaw_config(_C)
     return cfg
 
@@ -157,3 +158,37 @@ def _add_lda_config(_C):
     _C.MODEL.LONGTAIL.LDA.INTER_WEIGHTING = "none"
     # Which count is n_c: "instance" (annotations) or "image". [D] instance.
     _C.MODEL.LONGTAIL.LDA.COUNT_TYPE = "instance"
+
+
+def _add_pcb_config(_C):
+    """PCB, Pairwise Class Balance (He et al., CVPR 2022); see specs/pcb.md. Its iterative box
+    head is MODEL.ROI_HEADS.NAME "PCBROIHeads" (NUM_STEPS passes); ENABLED adds the confusion
+    matrix regulariser. The base loss is the predictor: SoftmaxCEOutputLayers (CE, and CE + RFS
+    with the RFS sampler), EQLv2OutputLayers or SeesawOutputLayers."""
+    _C.MODEL.LONGTAIL.PCB = CN()
+    # The fightback soft-label regulariser (needs PCBROIHeads). False with PCBROIHeads is the
+    # paper's "iterative only" ablation.
+    _C.MODEL.LONGTAIL.PCB.ENABLED = False
+    # alpha: soft-label weight of the last pass; pass r of R gets alpha * r / (R - 1).
+    # [C] CE and RFS 0.4, EQL v2 0.2, Seesaw 0.05.
+    _C.MODEL.LONGTAIL.PCB.ALPHA = 0.4
+    # EMA momentum of the confusion matrix, updated once per pass (R times per iteration). [C] 0.99
+    _C.MODEL.LONGTAIL.PCB.MOMENTUM = 0.99
+    # The regulariser starts at this iteration. [C] after epoch 16 of 24: set it to the first LR
+    # step (2/3 of MAX_ITER) in a leaf.
+    _C.MODEL.LONGTAIL.PCB.START_ITER = 0
+    # [C] start only once every class has had a foreground proposal. On a subset where some
+    # class never appears this keeps PCB off for the whole run (a warning says so); False starts
+    # anyway (unseen classes' columns are zero and give no mass).
+    _C.MODEL.LONGTAIL.PCB.REQUIRE_ALL_SEEN = True
+    # Passes R of the iterative box head; 1 = the plain head ("PCB only" ablation). [C] 3
+    _C.MODEL.LONGTAIL.PCB.NUM_STEPS = 3
+    # Classification-loss weight of each pass; the box loss is the last pass's only. [C] 0.2 0.2 0.6
+    _C.MODEL.LONGTAIL.PCB.STEP_WEIGHTS = [0.2, 0.2, 0.6]
+    # Hidden width of the two MLPs that turn a pass's logits and deltas into feature modulation.
+    _C.MODEL.LONGTAIL.PCB.MLP_HIDDEN = 512
+    # LayerNorm on the logits before the logit MLP. [C] True for EQL v2 only.
+    _C.MODEL.LONGTAIL.PCB.MLP_LAYER_NORM = False
+    # Log PCB diagnostics (classes seen, active, pairwise bias, mean diagonal per r/c/f) every
+    # this many iterations; the confusion-matrix heatmap is written at every checkpoint.
+    _C.MODEL.LONGTAIL.PCB.LOG_PERIOD = 20

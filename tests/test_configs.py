@@ -67,7 +67,7 @@ def test_lvis_v1_configs_follow_the_paper_recipe(path):
         assert cfg.MODEL.WEIGHTS.endswith("ImageNetPretrained/MSRA/R-50.pkl")
         assert cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST == pytest.approx(1e-4)
     assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 1203
-    assert cfg.MODEL.ROI_HEADS.NAME == "LongTailROIHeads"
+    assert cfg.MODEL.ROI_HEADS.NAME == ("PCBROIHeads" if leaf.startswith("pcb_") else "LongTailROIHeads")
     assert cfg.TEST.DETECTIONS_PER_IMAGE == 300
     # 1x = 90k iterations at batch 16 (detectron2's LVIS 1x); 2x doubles it. EQL v2 keeps its
     # authors' 12 epochs without RFS, ~75k iterations (test_eqlv2_lvis_config_...).
@@ -81,7 +81,7 @@ def test_lvis_v1_configs_follow_the_paper_recipe(path):
     assert cfg.SOLVER.IMS_PER_BATCH == (8 if leaf.startswith("lda_") else 16)
     assert tuple(cfg.DATASETS.TRAIN) == ("lvis_v1_train",)
     assert tuple(cfg.DATASETS.TEST) == ("lvis_v1_val",)
-    if leaf.startswith(("ce_rfs_", "fed_", "ecm_", "iif_", "seesaw_", "lda_")):
+    if leaf.startswith(("ce_rfs_", "fed_", "ecm_", "iif_", "seesaw_", "lda_", "pcb_ce_rfs_", "pcb_seesaw_")):
         assert cfg.DATALOADER.SAMPLER_TRAIN == "RepeatFactorTrainingSampler"
         assert cfg.DATALOADER.REPEAT_THRESHOLD == pytest.approx(0.001)
     else:
@@ -218,6 +218,33 @@ def test_lda_lvis_configs_follow_the_paper_recipe(schedule):
     iters_per_epoch = 100170 / 8
     assert cfg.SOLVER.MAX_ITER == pytest.approx(epochs[2] * iters_per_epoch, rel=0.002)
     assert tuple(cfg.SOLVER.STEPS) == tuple(round(cfg.SOLVER.MAX_ITER * e / epochs[2]) for e in epochs[:2])
+
+
+@pytest.mark.parametrize("version", ["v1", "v0.5"])
+@pytest.mark.parametrize("base", ["ce", "ce_rfs", "eqlv2", "seesaw"])
+def test_pcb_lvis_configs_follow_the_authors_recipe(version, base):
+    # specs/pcb.md §5: 3-pass iterative head, weights 0.2/0.2/0.6, EMA 0.99, alpha per base, start
+    # at the first LR step (epoch 16 of 24), all classes seen; RFS for the RFS and Seesaw rows;
+    # Seesaw with cosine box and mask classifiers; EQL v2 with LayerNorm before the logit MLP.
+    cfg = _load(os.path.join(REPO, "configs", f"LVIS{version}", f"pcb_{base}_mask_rcnn_R_50_FPN_2x.yaml"))
+    pcb = cfg.MODEL.LONGTAIL.PCB
+    predictor = {"ce": "SoftmaxCEOutputLayers", "ce_rfs": "SoftmaxCEOutputLayers",
+                 "eqlv2": "EQLv2OutputLayers", "seesaw": "SeesawOutputLayers"}[base]
+    assert cfg.MODEL.ROI_HEADS.NAME == "PCBROIHeads" and cfg.MODEL.LONGTAIL.PREDICTOR == predictor
+    assert pcb.ENABLED and pcb.NUM_STEPS == 3 and list(pcb.STEP_WEIGHTS) == [0.2, 0.2, 0.6]
+    assert pcb.MOMENTUM == 0.99 and pcb.REQUIRE_ALL_SEEN and pcb.MLP_HIDDEN == 512
+    assert pcb.ALPHA == {"ce": 0.4, "ce_rfs": 0.4, "eqlv2": 0.2, "seesaw": 0.05}[base]
+    assert pcb.MLP_LAYER_NORM == (base == "eqlv2")
+    assert pcb.START_ITER == cfg.SOLVER.STEPS[0]
+    assert cfg.SOLVER.STEPS[0] == pytest.approx(cfg.SOLVER.MAX_ITER * 16 / 24, rel=0.005)
+    assert cfg.SOLVER.STEPS[1] == pytest.approx(cfg.SOLVER.MAX_ITER * 22 / 24, rel=0.005)
+    assert cfg.SOLVER.WARMUP_ITERS == 500 and cfg.SOLVER.WARMUP_FACTOR == pytest.approx(0.001)
+    rfs = base in ("ce_rfs", "seesaw")
+    assert cfg.DATALOADER.SAMPLER_TRAIN == ("RepeatFactorTrainingSampler" if rfs else "TrainingSampler")
+    cosine = base == "seesaw"
+    assert (cfg.MODEL.LONGTAIL.CLASSIFIER == "cosine") == cosine
+    assert (cfg.MODEL.ROI_MASK_HEAD.NAME == "CosineMaskRCNNConvUpsampleHead") == cosine
+    assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == (1203 if version == "v1" else 1230)
 
 
 def test_lvis_v1_leaves_exist():

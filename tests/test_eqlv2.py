@@ -141,7 +141,7 @@ def test_soft_targets_drive_the_loss_and_the_statistics():
     soft = torch.tensor([[0.8, 0.1, 0.1, 0.0], [0.0, 0.6, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
     weights = predictor.current_weights()
     with EventStorage():
-        loss = predictor.classification_loss(scores, torch.tensor([0, 1, BG]), targets=soft)
+        loss = predictor.classification_loss(scores, torch.tensor([0, 1, BG]), soft_targets=soft)
     assert torch.equal(loss, eqlv2_loss(scores, soft, weights.pos, weights.neg))
     inc = eqlv2_grad_increments(scores, soft, weights.pos, weights.neg)
     assert torch.equal(predictor.eqlv2_pos_grad, 1.0 + inc.pos.double())

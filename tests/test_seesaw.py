@@ -118,8 +118,10 @@ def test_soft_class_targets_reach_the_class_term():
     scores = torch.randn(3, C + 2, generator=torch.Generator().manual_seed(4))
     labels = torch.tensor([0, 1, BG])
     soft = torch.tensor([[0.7, 0.3, 0.0], [0.0, 0.9, 0.1], [0.0, 0.0, 0.0]])
+    # (R, C+1) soft labels, background last; the class term reads their class columns.
+    background = torch.tensor([[0.0], [0.0], [1.0]])
     with EventStorage():
-        losses = predictor.classification_loss(scores, labels, class_targets=soft)
+        losses = predictor.classification_loss(scores, labels, soft_targets=torch.cat([soft, background], 1))
     expected = seesaw_loss(scores, labels, _counts([1, 1, 0, 1]), class_targets=soft)
     assert torch.equal(losses["loss_cls_classes"], expected.classes)
     assert torch.equal(predictor.foreground_class_probs(scores), seesaw_class_probs(scores))

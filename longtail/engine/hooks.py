@@ -9,7 +9,7 @@ from detectron2.utils import comm
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ECMBackgroundRatioHook"]
+__all__ = ["ECMBackgroundRatioHook", "PCBConfusionHook"]
 
 
 class ECMBackgroundRatioHook(HookBase):
@@ -45,3 +45,77 @@ class ECMBackgroundRatioHook(HookBase):
             with open(self._path, "w") as f:
                 json.dump({"bg_ratio": ratio, "num_fg_rois": num_fg, "num_bg_rois": num_bg,
                            "iterations": iters, "end_iter": self.trainer.iter}, f, indent=1)
+
+
+class PCBConfusionHook(HookBase):
+    """Reports PCB's confusion matrix (the matrix itself is a buffer of the ROI heads, updated in
+    the training forward pass from statistics summed over ranks).
+
+    Every ``period`` iterations it puts in the event storage: ``pcb/seen_fraction`` (classes with
+    a foreground proposal so far), ``pcb/active``, ``pcb/pairwise_bias`` (||M - M^T||_F, the
+    paper's PwB, on the training matrix) and ``pcb/diag_{r,c,f}`` (mean of M[i, i] per frequency
+    group). At ``start_iter`` it warns if unseen classes keep the regulariser off. At every
+    checkpoint and at the end, the main rank writes ``OUTPUT_DIR/pcb_confusion_<iter>.png``: M with
+    classes sorted by training instance count (most frequent first), log colour scale, like the
+    paper's Figure 1.
+    """
+
+    def __init__(self, roi_heads, class_stats, output_dir: str, period: int, checkpoint_period: int):
+        self._heads = roi_heads
+        self._stats = class_stats
+        self._output_dir = output_dir
+        self._period = max(1, int(period))
+        self._checkpoint_period = int(checkpoint_period)
+
+    def _diagnostics(self):
+        import torch
+
+        matrix = self._heads.confusion.pcb_cm
+        seen = self._heads.confusion.pcb_seen
+        values = {
+            "pcb/seen_fraction": float((seen > 0).double().mean()),
+            "pcb/active": float(self._heads.pcb_active()),
+            "pcb/pairwise_bias": float(torch.linalg.norm(matrix - matrix.t())),
+        }
+        diagonal = matrix.diagonal()
+        for group in ("r", "c", "f"):
+            members = [i for i, f in enumerate(self._stats.frequency) if f == group]
+            if members:
+                values[f"pcb/diag_{group}"] = float(diagonal[members].mean())
+        return values
+
+    def after_step(self):
+        iteration = self.trainer.iter
+        if iteration == self._heads.start_iter and self._heads.require_all_seen:
+            unseen = int((self._heads.confusion.pcb_seen == 0).sum())
+            if unseen:
+                logger.warning(
+                    "PCB: %d classes have had no foreground proposal yet, so the regulariser stays "
+                    "off until they do (MODEL.LONGTAIL.PCB.REQUIRE_ALL_SEEN). On a dataset where a "
+                    "class never appears in training, set REQUIRE_ALL_SEEN False.", unseen
+                )
+        if (iteration + 1) % self._period == 0 or iteration + 1 == self.trainer.max_iter:
+            self.trainer.storage.put_scalars(**self._diagnostics(), smoothing_hint=False)
+        at_checkpoint = self._checkpoint_period > 0 and (iteration + 1) % self._checkpoint_period == 0
+        if comm.is_main_process() and (at_checkpoint or iteration + 1 == self.trainer.max_iter):
+            self.write_heatmap(os.path.join(self._output_dir, f"pcb_confusion_{iteration + 1:07d}.png"))
+
+    def write_heatmap(self, path: str) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.colors import LogNorm
+
+        matrix = self._heads.confusion.pcb_cm.detach().cpu().double()
+        order = sorted(range(len(self._stats.instance_count)), key=lambda i: -self._stats.instance_count[i])
+        shown = matrix[order][:, order].clamp(min=1e-6).numpy()
+        fig, ax = plt.subplots(figsize=(6, 5))
+        image = ax.imshow(shown, norm=LogNorm(vmin=1e-6, vmax=1.0), cmap="viridis", interpolation="nearest")
+        fig.colorbar(image, ax=ax, label="EMA of mean predicted probability")
+        ax.set_xlabel("predicted class (most frequent first)")
+        ax.set_ylabel("ground-truth class (most frequent first)")
+        ax.set_title(f"PCB confusion matrix, iteration {self.trainer.iter + 1}")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)

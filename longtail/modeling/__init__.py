@@ -4,12 +4,14 @@
 from .classifiers import CosineLinear, CosineMaskRCNNConvUpsampleHead, build_box_classifier
 from .predictors import LONGTAIL_PREDICTOR_REGISTRY, build_longtail_predictor
 from .roi_heads import LongTailROIHeads
+from .pcb_roi_heads import PCBROIHeads  # registers PCBROIHeads
 
 __all__ = [
     "CosineLinear",
     "CosineMaskRCNNConvUpsampleHead",
     "LONGTAIL_PREDICTOR_REGISTRY",
     "LongTailROIHeads",
+    "PCBROIHeads",
     "build_box_classifier",
     "build_longtail_predictor",
 ]

@@ -14,8 +14,16 @@ class LongTailROIHeads(StandardROIHeads):
     default predictor gives exactly the stock model.
     """
 
+    #: Whether these heads run PCB's regulariser (MODEL.LONGTAIL.PCB.ENABLED).
+    supports_pcb = False
+
     @classmethod
     def _init_box_head(cls, cfg, input_shape):
+        if cfg.MODEL.LONGTAIL.PCB.ENABLED and not cls.supports_pcb:
+            raise ValueError(
+                "MODEL.LONGTAIL.PCB.ENABLED needs PCB's iterative box head: set "
+                f"MODEL.ROI_HEADS.NAME: PCBROIHeads (it is {cls.__name__})."
+            )
         ret = super()._init_box_head(cfg, input_shape)
         # Upstream builds its FastRCNNOutputLayers here too; replacing it keeps this override to
         # one line instead of a copy of the parent's pooler/head construction.

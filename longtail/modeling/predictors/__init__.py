@@ -6,6 +6,7 @@ from .eqlv2 import EQLv2OutputLayers  # registers EQLv2OutputLayers
 from .iif import IIFOutputLayers  # registers IIFOutputLayers
 from .lda import LDAOutputLayers  # registers LDAOutputLayers
 from .seesaw import SeesawOutputLayers  # registers SeesawOutputLayers
+from .softmax_ce import SoftmaxCEOutputLayers  # registers SoftmaxCEOutputLayers
 
 __all__ = [
     "BAGSOutputLayers",
@@ -16,5 +17,6 @@ __all__ = [
     "LONGTAIL_PREDICTOR_REGISTRY",
     "LongTailOutputLayers",
     "SeesawOutputLayers",
+    "SoftmaxCEOutputLayers",
     "build_longtail_predictor",
 ]

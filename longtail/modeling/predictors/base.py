@@ -74,13 +74,17 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
         """(R, L) logits -> (R, K+1) class scores used at inference (background last)."""
         raise NotImplementedError
 
-    def losses(self, predictions, proposals):
+    def losses(self, predictions, proposals, soft_targets=None):
         """The method's classification loss and upstream's box regression loss.
 
         Upstream's ``losses`` is not reused because it also evaluates softmax CE on the logits
         (a wasted (R, K+1) pass at LVIS scale) and logs accuracies from an argmax over raw logits,
         which is meaningless for methods whose logits are not one per class (BAGS' groups). The
         accuracies here come from :meth:`class_probs`.
+
+        ``soft_targets`` (R, K+1), background last, replace the one-hot labels in the
+        classification loss (PCB's fightback labels); only predictors whose
+        ``classification_loss`` takes ``soft_targets`` accept them.
         """
         scores, proposal_deltas = predictions
         if proposals:
@@ -96,7 +100,10 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
             proposal_boxes = gt_boxes = torch.empty((0, 4), device=scores.device)
         with torch.no_grad():
             _log_classification_stats(self.class_probs(scores.detach()), gt_classes)
-        classification = self.classification_loss(scores, gt_classes)
+        if soft_targets is None:
+            classification = self.classification_loss(scores, gt_classes)
+        else:
+            classification = self.classification_loss(scores, gt_classes, soft_targets=soft_targets)
         if not isinstance(classification, dict):
             classification = {"loss_cls": classification}
         losses = {

@@ -32,6 +32,11 @@ class EQLv2OutputLayers(LongTailOutputLayers):
     i.e. unit weights on the first step (spec §3). Evaluation never changes them.
     """
 
+    #: PCB (specs/pcb.md §2.1): whether :meth:`foreground_class_probs` rows are distributions,
+    #: so that the confusion matrix is row- and column-normalised (softmax bases), or not
+    #: (sigmoid bases: the raw matrix).
+    foreground_probs_sum_to_one = False
+
     @configurable
     def __init__(
         self,
@@ -87,17 +92,17 @@ class EQLv2OutputLayers(LongTailOutputLayers):
             self.eqlv2_pos_grad, self.eqlv2_neg_grad, self.gamma, self.mu, self.alpha
         )
 
-    def classification_loss(self, scores, gt_classes, targets: Optional[torch.Tensor] = None):
+    def classification_loss(self, scores, gt_classes, soft_targets: Optional[torch.Tensor] = None):
         """EQL v2 loss; in training, also adds this call's statistics (summed over ranks).
 
         Args:
             scores: (R, C+1) logits.
             gt_classes: (R,) labels in [0, C].
-            targets: optional (R, C+1) soft targets in [0, 1] replacing the one-hot of
+            soft_targets: optional (R, C+1) soft targets in [0, 1] replacing the one-hot of
                 ``gt_classes`` in both the loss and the statistics (PCB's EQL v2 variant).
         """
         weights = self.current_weights()
-        target = gt_classes if targets is None else targets
+        target = gt_classes if soft_targets is None else soft_targets
         loss = eqlv2_loss(scores, target, weights.pos, weights.neg)
         if self.training:
             with torch.no_grad():

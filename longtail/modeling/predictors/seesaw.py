@@ -35,6 +35,11 @@ class SeesawOutputLayers(LongTailOutputLayers):
     The loss is two terms, ``loss_cls_classes`` and ``loss_cls_objectness``, logged separately.
     """
 
+    #: PCB (specs/pcb.md §2.1): whether :meth:`foreground_class_probs` rows are distributions,
+    #: so that the confusion matrix is row- and column-normalised (softmax bases), or not
+    #: (sigmoid bases: the raw matrix).
+    foreground_probs_sum_to_one = True
+
     @configurable
     def __init__(
         self,
@@ -77,14 +82,15 @@ class SeesawOutputLayers(LongTailOutputLayers):
         # fmt: on
         return ret
 
-    def classification_loss(self, scores, gt_classes, class_targets: Optional[torch.Tensor] = None):
+    def classification_loss(self, scores, gt_classes, soft_targets: Optional[torch.Tensor] = None):
         """The two Seesaw terms; in training, the counts first take in this call's labels.
 
         Args:
             scores: (R, C+2) logits.
             gt_classes: (R,) labels in [0, C].
-            class_targets: optional (R, C) soft targets over the classes for the class term
-                (PCB's Seesaw variant); the seesaw factors still come from ``gt_classes``.
+            soft_targets: optional (R, C+1) soft labels, background last (PCB's Seesaw variant):
+                their class columns replace the one-hot target of the class term; the seesaw
+                factors still come from ``gt_classes``.
         """
         with torch.no_grad():
             increments = seesaw_count_increments(gt_classes, self.num_classes)
@@ -99,7 +105,8 @@ class SeesawOutputLayers(LongTailOutputLayers):
                 # Same loss as in training, but the buffer is left alone.
                 counts = self.seesaw_cum_samples + increments
         losses = seesaw_loss(
-            scores, gt_classes, counts, self.p, self.q, self.eps, class_targets=class_targets
+            scores, gt_classes, counts, self.p, self.q, self.eps,
+            class_targets=None if soft_targets is None else soft_targets[:, : self.num_classes],
         )
         return {"loss_cls_classes": losses.classes, "loss_cls_objectness": losses.objectness}
 
