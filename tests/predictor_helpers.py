@@ -29,3 +29,25 @@ def proposals_with_labels(labels_per_image):
         inst.gt_classes = torch.tensor(labels, dtype=torch.long)
         proposals.append(inst)
     return proposals
+
+
+def random_features(num, seed=0):
+    """(num, FEATURES) seeded box features."""
+    return torch.randn(num, FEATURES, generator=torch.Generator().manual_seed(seed))
+
+
+def flat_labels(labels_per_image):
+    """The (R,) gt_classes of ``proposals_with_labels(labels_per_image)``, concatenated."""
+    return torch.tensor([c for image in labels_per_image for c in image], dtype=torch.long)
+
+
+def predictor_losses(predictor, labels_per_image, seed=0):
+    """``predictor.losses`` on seeded features for RoIs with the given labels, in an EventStorage;
+    returns (losses, predictions)."""
+    from detectron2.utils.events import EventStorage
+
+    proposals = proposals_with_labels(labels_per_image)
+    features = random_features(sum(len(p) for p in proposals), seed)
+    with EventStorage():
+        predictions = predictor(features)
+        return predictor.losses(predictions, proposals), predictions

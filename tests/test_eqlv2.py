@@ -14,6 +14,9 @@ from detectron2.utils.events import EventStorage
 
 import train_net
 from predictor_helpers import FEATURES, predictor_args, proposals_with_labels
+from predictor_helpers import flat_labels as _gt
+from predictor_helpers import predictor_losses as _losses
+from predictor_helpers import random_features as _features
 from longtail.engine import LongTailTrainer
 from longtail.functional.eqlv2 import eqlv2_grad_increments, eqlv2_loss, eqlv2_probs, eqlv2_weights
 from longtail.modeling.predictors import LONGTAIL_PREDICTOR_REGISTRY, EQLv2OutputLayers
@@ -31,24 +34,11 @@ def _predictor(classifier="linear", num_classes=C, **kwargs):
     return EQLv2OutputLayers(**predictor_args(num_classes), classifier=classifier, **kwargs)
 
 
-def _features(num, seed=0):
-    return torch.randn(num, FEATURES, generator=torch.Generator().manual_seed(seed))
-
-
-def _losses(predictor, labels_per_image, seed=0):
-    proposals = proposals_with_labels(labels_per_image)
-    features = _features(sum(len(p) for p in proposals), seed)
-    with EventStorage():
-        predictions = predictor(features)
-        return predictor.losses(predictions, proposals), predictions
 
 
 def _stats(predictor):
     return predictor.eqlv2_pos_grad.clone(), predictor.eqlv2_neg_grad.clone()
 
-
-def _gt(labels_per_image):
-    return torch.tensor([c for image in labels_per_image for c in image], dtype=torch.long)
 
 
 def test_registered_buffers_and_prior_bias():

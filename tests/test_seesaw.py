@@ -13,6 +13,9 @@ from detectron2.utils.events import EventStorage
 
 import train_net
 from predictor_helpers import FEATURES, predictor_args, proposals_with_labels
+from predictor_helpers import flat_labels as _gt
+from predictor_helpers import predictor_losses as _losses
+from predictor_helpers import random_features as _features
 from longtail.engine import LongTailTrainer
 from longtail.functional.seesaw import seesaw_class_probs, seesaw_loss, seesaw_probs
 from longtail.modeling.classifiers import CosineLinear
@@ -31,20 +34,7 @@ def _predictor(classifier="linear", **kwargs):
     return SeesawOutputLayers(**predictor_args(C), classifier=classifier, **kwargs)
 
 
-def _features(num, seed=0):
-    return torch.randn(num, FEATURES, generator=torch.Generator().manual_seed(seed))
 
-
-def _losses(predictor, labels_per_image, seed=0):
-    proposals = proposals_with_labels(labels_per_image)
-    features = _features(sum(len(p) for p in proposals), seed)
-    with EventStorage():
-        predictions = predictor(features)
-        return predictor.losses(predictions, proposals), predictions
-
-
-def _gt(labels_per_image):
-    return torch.tensor([c for image in labels_per_image for c in image], dtype=torch.long)
 
 
 def _counts(values):
