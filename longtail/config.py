@@ -161,15 +161,15 @@ def _add_lda_config(_C):
 
 
 def _add_pcb_config(_C):
-    """PCB, Pairwise Class Balance (He et al., CVPR 2022); see specs/pcb.md. Its iterative box
-    head is MODEL.ROI_HEADS.NAME "PCBROIHeads" (NUM_STEPS passes); ENABLED adds the confusion
+    """PCB, Pairwise Class Balance (He et al., CVPR 2022); see specs/pcb.md. ENABLED turns the box
+    branch of LongTailROIHeads into PCB's iterative head (NUM_STEPS passes) with the confusion
     matrix regulariser. The base loss is the predictor: SoftmaxCEOutputLayers (CE, and CE + RFS
     with the RFS sampler), EQLv2OutputLayers or SeesawOutputLayers."""
     _C.MODEL.LONGTAIL.PCB = CN()
-    # The fightback soft-label regulariser (needs PCBROIHeads). False with PCBROIHeads is the
-    # paper's "iterative only" ablation.
+    # PCB on the configured predictor: the iterative box head and the fightback regulariser.
     _C.MODEL.LONGTAIL.PCB.ENABLED = False
-    # alpha: soft-label weight of the last pass; pass r of R gets alpha * r / (R - 1).
+    # alpha: soft-label weight of the last pass; pass r of R gets alpha * r / (R - 1). 0 is the
+    # paper's "iterative head only" ablation.
     # [C] CE and RFS 0.4, EQL v2 0.2, Seesaw 0.05.
     _C.MODEL.LONGTAIL.PCB.ALPHA = 0.4
     # EMA momentum of the confusion matrix, updated once per pass (R times per iteration). [C] 0.99

@@ -67,7 +67,7 @@ def test_lvis_v1_configs_follow_the_paper_recipe(path):
         assert cfg.MODEL.WEIGHTS.endswith("ImageNetPretrained/MSRA/R-50.pkl")
         assert cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST == pytest.approx(1e-4)
     assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 1203
-    assert cfg.MODEL.ROI_HEADS.NAME == ("PCBROIHeads" if leaf.startswith("pcb_") else "LongTailROIHeads")
+    assert cfg.MODEL.ROI_HEADS.NAME == "LongTailROIHeads"
     assert cfg.TEST.DETECTIONS_PER_IMAGE == 300
     # 1x = 90k iterations at batch 16 (detectron2's LVIS 1x); 2x doubles it. EQL v2 keeps its
     # authors' 12 epochs without RFS, ~75k iterations (test_eqlv2_lvis_config_...).
@@ -230,7 +230,7 @@ def test_pcb_lvis_configs_follow_the_authors_recipe(version, base):
     pcb = cfg.MODEL.LONGTAIL.PCB
     predictor = {"ce": "SoftmaxCEOutputLayers", "ce_rfs": "SoftmaxCEOutputLayers",
                  "eqlv2": "EQLv2OutputLayers", "seesaw": "SeesawOutputLayers"}[base]
-    assert cfg.MODEL.ROI_HEADS.NAME == "PCBROIHeads" and cfg.MODEL.LONGTAIL.PREDICTOR == predictor
+    assert cfg.MODEL.ROI_HEADS.NAME == "LongTailROIHeads" and cfg.MODEL.LONGTAIL.PREDICTOR == predictor
     assert pcb.ENABLED and pcb.NUM_STEPS == 3 and list(pcb.STEP_WEIGHTS) == [0.2, 0.2, 0.6]
     assert pcb.MOMENTUM == 0.99 and pcb.REQUIRE_ALL_SEEN and pcb.MLP_HIDDEN == 512
     assert pcb.ALPHA == {"ce": 0.4, "ce_rfs": 0.4, "eqlv2": 0.2, "seesaw": 0.05}[base]

@@ -24,7 +24,8 @@ from longtail.functional.pcb import (
     pcb_mixed_targets,
     soft_cross_entropy,
 )
-from longtail.modeling.pcb_roi_heads import ConfusionMatrixEMA, PCBROIHeads
+from longtail.modeling import LongTailROIHeads
+from longtail.modeling.pcb_roi_heads import ConfusionMatrixEMA
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = os.path.join(REPO, "configs", "quick_schedules", "ce_instant_test.yaml")
@@ -42,21 +43,25 @@ BASES = {
 
 
 def _heads(base="ce", *opts):
-    """PCBROIHeads on a tiny FPN-like input (8 channels, 7x7 pooling, 4 classes)."""
+    """LongTailROIHeads with PCB on a tiny FPN-like input (8 channels, 7x7 pooling, 4 classes)."""
     cfg = get_cfg()
     add_longtail_config(cfg)
     cfg.merge_from_file(QUICK)
-    cfg.merge_from_list(["MODEL.ROI_HEADS.NAME", "PCBROIHeads", "MODEL.LONGTAIL.PCB.ENABLED", "True",
+    cfg.merge_from_list(["MODEL.LONGTAIL.PCB.ENABLED", "True",
                          "MODEL.ROI_HEADS.NUM_CLASSES", str(C), "MODEL.ROI_BOX_HEAD.FC_DIM", "16",
                          "MODEL.LONGTAIL.PCB.MLP_HIDDEN", "8", *BASES[base], *opts])
     torch.manual_seed(0)
     shapes = {f: ShapeSpec(channels=8, stride=s) for f, s in zip(["p2", "p3", "p4", "p5"], [4, 8, 16, 32])}
-    return PCBROIHeads(cfg, shapes).train()
+    return LongTailROIHeads(cfg, shapes).train()
 
 
 def _features(seed=0):
     g = torch.Generator().manual_seed(seed)
     return {f: torch.randn(1, 8, 64 // s, 64 // s, generator=g) for f, s in zip(["p2", "p3", "p4", "p5"], [4, 8, 16, 32])}
+
+
+def _passes(heads, box_features):
+    return heads.pcb.passes(heads.box_head, heads.box_predictor, box_features)
 
 
 def _box_losses(heads, labels, iteration=0, seed=0):
@@ -69,14 +74,14 @@ def test_three_passes_weighted_losses_and_one_box_loss():
     losses = _box_losses(heads, [[0, 1, BG, BG]])
     assert set(losses) == {"loss_cls_step0", "loss_cls_step1", "loss_cls_step2", "loss_box_reg"}
     # The gate is closed: each pass is plain CE weighted 0.2 / 0.2 / 0.6.
-    passes = heads._passes(heads.box_pooler([_features()[f] for f in heads.box_in_features],
+    passes = _passes(heads, heads.box_pooler([_features()[f] for f in heads.box_in_features],
                                             [p.proposal_boxes for p in proposals_with_labels([[0, 1, BG, BG]])]))
     gt = torch.tensor([0, 1, BG, BG])
     for step, weight in enumerate((0.2, 0.2, 0.6)):
         ce = torch.nn.functional.cross_entropy(passes[step][0], gt)
         assert losses[f"loss_cls_step{step}"].item() == pytest.approx(weight * ce.item(), rel=1e-5)
     sum(losses.values()).backward()
-    for mlp in (heads.cls_modulation, heads.box_modulation):
+    for mlp in (heads.pcb.cls_modulation, heads.pcb.box_modulation):
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in mlp.parameters())
 
 
@@ -84,10 +89,10 @@ def test_matrix_takes_three_updates_per_iteration_from_foreground_proposals():
     heads = _heads("ce", "MODEL.LONGTAIL.PCB.START_ITER", "1000")
     labels = [[0, 0, 2, BG, BG]]
     _box_losses(heads, labels)
-    assert heads.confusion.pcb_seen.tolist() == [6.0, 0.0, 3.0, 0.0]  # 3 passes x (2, 0, 1, 0)
-    rows = heads.confusion.pcb_cm.sum(1)
+    assert heads.pcb.confusion.pcb_seen.tolist() == [6.0, 0.0, 3.0, 0.0]  # 3 passes x (2, 0, 1, 0)
+    rows = heads.pcb.confusion.pcb_cm.sum(1)
     assert torch.allclose(rows[[0, 2]], torch.ones(2)) and torch.all(rows[[1, 3]] == 0)
-    assert not heads.confusion.pcb_cm.requires_grad
+    assert not heads.pcb.confusion.pcb_cm.requires_grad
 
 
 def test_active_pass_uses_the_mixed_fightback_labels():
@@ -98,7 +103,7 @@ def test_active_pass_uses_the_mixed_fightback_labels():
     reference = ConfusionMatrixEMA(C, 0.99, normalized=True)
     box_features = heads.box_pooler([_features()[f] for f in heads.box_in_features],
                                     [p.proposal_boxes for p in proposals_with_labels(labels)])
-    passes = heads._passes(box_features)
+    passes = _passes(heads, box_features)
     expected = []
     for step, (scores, _) in enumerate(passes):
         probs = torch.softmax(scores.detach()[:4, :C], dim=1)
@@ -109,19 +114,19 @@ def test_active_pass_uses_the_mixed_fightback_labels():
     losses = _box_losses(heads, labels)
     for step in range(3):
         assert losses[f"loss_cls_step{step}"].item() == pytest.approx(expected[step].item(), rel=1e-5)
-    assert torch.allclose(heads.confusion.pcb_cm, reference.pcb_cm)
+    assert torch.allclose(heads.pcb.confusion.pcb_cm, reference.pcb_cm)
 
 
 @pytest.mark.parametrize("base", ["eqlv2", "seesaw"])
 def test_other_bases_train_on_soft_labels(base):
     heads = _heads(base, "MODEL.LONGTAIL.PCB.REQUIRE_ALL_SEEN", "False")
     normalized = base == "seesaw"
-    assert heads.confusion.normalized is normalized
+    assert heads.pcb.confusion.normalized is normalized
     for iteration in range(2):
         losses = _box_losses(heads, [[0, 1, 2, 3, BG, BG]], iteration=iteration, seed=iteration)
     assert all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
-    rows = heads.confusion.pcb_cm.sum(1)
+    rows = heads.pcb.confusion.pcb_cm.sum(1)
     if normalized:
         assert torch.allclose(rows, torch.ones(C))
     else:  # sigmoid means, not renormalised: zero-init bias 1 - 0.99^k remains
@@ -135,19 +140,19 @@ def test_batches_without_foreground(labels):
     total = sum(losses.values())
     assert torch.isfinite(total)
     total.backward()
-    assert torch.all(heads.confusion.pcb_seen == 0) and torch.all(heads.confusion.pcb_cm == 0)
+    assert torch.all(heads.pcb.confusion.pcb_seen == 0) and torch.all(heads.pcb.confusion.pcb_cm == 0)
 
 
 def test_unseen_classes_keep_it_off_unless_allowed():
     gated = _heads("ce")
     _box_losses(gated, [[0, 1, BG]])
     with EventStorage(start_iter=5):
-        assert not gated.pcb_active()  # classes 2 and 3 never seen
+        assert not gated.pcb.active()  # classes 2 and 3 never seen
     forced = _heads("ce", "MODEL.LONGTAIL.PCB.REQUIRE_ALL_SEEN", "False", "MODEL.LONGTAIL.PCB.START_ITER", "5")
     with EventStorage(start_iter=4):
-        assert not forced.pcb_active()
+        assert not forced.pcb.active()
     with EventStorage(start_iter=5):
-        assert forced.pcb_active()
+        assert forced.pcb.active()
 
 
 def test_inference_uses_the_last_pass():
@@ -160,24 +165,27 @@ def test_inference_uses_the_last_pass():
         instances = heads._forward_box(_features(), proposals)
         box_features = heads.box_pooler([_features()[f] for f in heads.box_in_features],
                                         [p.proposal_boxes for p in proposals])
-        last = heads._passes(box_features)[-1]
+        last = _passes(heads, box_features)[-1]
         expected, _ = heads.box_predictor.inference(last, proposals)
     assert torch.equal(instances[0].scores, expected[0].scores)
 
 
 def test_configuration_errors():
-    with pytest.raises(ValueError, match="ROI_HEADS.NAME: PCBROIHeads"):
-        cfg = get_cfg()
-        add_longtail_config(cfg)
-        cfg.merge_from_file(QUICK)
-        cfg.merge_from_list(["MODEL.LONGTAIL.PCB.ENABLED", "True", "MODEL.LONGTAIL.PREDICTOR", "SoftmaxCEOutputLayers"])
-        build_model(cfg)
     with pytest.raises(ValueError, match="trains on soft labels"):
         _heads("ce", "MODEL.LONGTAIL.PREDICTOR", "IIFOutputLayers", "MODEL.ROI_HEADS.NUM_CLASSES", "30")
     with pytest.raises(ValueError, match="SoftmaxCEOutputLayers"):
         _heads("ce", "MODEL.LONGTAIL.PREDICTOR", "FastRCNNOutputLayers")
     with pytest.raises(ValueError, match="one weight per pass"):
         _heads("ce", "MODEL.LONGTAIL.PCB.STEP_WEIGHTS", "[0.5, 0.5]")
+
+
+def test_without_pcb_the_heads_are_the_plain_ones():
+    cfg = get_cfg()
+    add_longtail_config(cfg)
+    cfg.merge_from_file(QUICK)
+    model = build_model(cfg)
+    assert model.roi_heads.pcb is None
+    assert not any(k.startswith("roi_heads.pcb") for k in model.state_dict())
 
 
 def _two_rank_worker(out_path):
@@ -189,7 +197,7 @@ def _two_rank_worker(out_path):
     plans = {0: [[[0, 0, 1, BG]], [[2, BG]]], 1: [[[BG, BG]], [[3, 3, 0]]]}[rank]
     for iteration, labels in enumerate(plans):
         _box_losses(heads, labels, iteration=iteration, seed=10 * rank + iteration)
-    state = {k: v.tolist() for k, v in heads.confusion.state_dict().items()}
+    state = {k: v.tolist() for k, v in heads.pcb.confusion.state_dict().items()}
     gathered = comm.gather(state, dst=0)
     if comm.is_main_process():
         with open(out_path, "w") as f:
@@ -233,14 +241,14 @@ def test_hook_logs_diagnostics_and_writes_the_heatmap(tmp_path):
     _box_losses(heads, [[0, 1, 2, 3, BG]])
     stats = ClassStats(names=("a", "b", "c", "d"), instance_count=(50, 20, 3, 1), image_count=(40, 15, 3, 1),
                        frequency=("f", "c", "r", "r"), num_images=60)
-    hook = PCBConfusionHook(heads, stats, str(tmp_path), period=5, checkpoint_period=100)
+    hook = PCBConfusionHook(heads.pcb, stats, str(tmp_path), period=5, checkpoint_period=100)
     hook.trainer = _Trainer()
     with hook.trainer.storage:
         hook.after_step()
         logged = hook.trainer.storage.latest()
     assert logged["pcb/seen_fraction"][0] == 1.0
     assert logged["pcb/pairwise_bias"][0] == pytest.approx(
-        float(torch.linalg.norm(heads.confusion.pcb_cm - heads.confusion.pcb_cm.t())))
+        float(torch.linalg.norm(heads.pcb.confusion.pcb_cm - heads.pcb.confusion.pcb_cm.t())))
     assert {"pcb/diag_r", "pcb/diag_c", "pcb/diag_f", "pcb/active"} <= set(logged)
     image = tmp_path / "pcb_confusion_0000005.png"
     assert image.is_file() and image.stat().st_size > 1000
@@ -249,7 +257,7 @@ def test_hook_logs_diagnostics_and_writes_the_heatmap(tmp_path):
 def _pcb_args(base, *opts, resume=False):
     return default_argument_parser().parse_args(
         (["--resume"] if resume else []) + [
-            "--config-file", QUICK, "MODEL.ROI_HEADS.NAME", "PCBROIHeads", "MODEL.LONGTAIL.PCB.ENABLED", "True",
+            "--config-file", QUICK, "MODEL.LONGTAIL.PCB.ENABLED", "True",
             "MODEL.LONGTAIL.PCB.REQUIRE_ALL_SEEN", "False", "MODEL.LONGTAIL.PCB.START_ITER", "1",
             *BASES[base], *opts]
     )
@@ -257,7 +265,7 @@ def _pcb_args(base, *opts, resume=False):
 
 def _pcb_state(path):
     model = torch.load(path)["model"]
-    return {k.split(".")[-1]: v for k, v in model.items() if k.startswith("roi_heads.confusion.")}
+    return {k.split(".")[-1]: v for k, v in model.items() if k.startswith("roi_heads.pcb.confusion.")}
 
 
 @pytest.mark.parametrize("base", sorted(BASES))
@@ -275,7 +283,7 @@ def test_train_net_short_run_per_base(base, tmp_path, shapes_lt_root):
     trainer.resume_or_load(resume=True)
     assert trainer.start_iter == 2
     for name, value in _pcb_state(os.path.join(out, "model_final.pth")).items():
-        assert torch.equal(getattr(trainer.model.roi_heads.confusion, name), value), name
+        assert torch.equal(getattr(trainer.model.roi_heads.pcb.confusion, name), value), name
     trainer.train()
     resumed = _pcb_state(os.path.join(out, "model_final.pth"))
     assert resumed["pcb_seen"].sum() > state["pcb_seen"].sum()

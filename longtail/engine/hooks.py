@@ -48,8 +48,8 @@ class ECMBackgroundRatioHook(HookBase):
 
 
 class PCBConfusionHook(HookBase):
-    """Reports PCB's confusion matrix (the matrix itself is a buffer of the ROI heads, updated in
-    the training forward pass from statistics summed over ranks).
+    """Reports PCB's confusion matrix (the matrix itself is a buffer of the ROI heads' PCB head,
+    updated in the training forward pass from statistics summed over ranks).
 
     Every ``period`` iterations it puts in the event storage: ``pcb/seen_fraction`` (classes with
     a foreground proposal so far), ``pcb/active``, ``pcb/pairwise_bias`` (||M - M^T||_F, the
@@ -60,8 +60,8 @@ class PCBConfusionHook(HookBase):
     paper's Figure 1.
     """
 
-    def __init__(self, roi_heads, class_stats, output_dir: str, period: int, checkpoint_period: int):
-        self._heads = roi_heads
+    def __init__(self, pcb_head, class_stats, output_dir: str, period: int, checkpoint_period: int):
+        self._heads = pcb_head
         self._stats = class_stats
         self._output_dir = output_dir
         self._period = max(1, int(period))
@@ -74,7 +74,7 @@ class PCBConfusionHook(HookBase):
         seen = self._heads.confusion.pcb_seen
         values = {
             "pcb/seen_fraction": float((seen > 0).double().mean()),
-            "pcb/active": float(self._heads.pcb_active()),
+            "pcb/active": float(self._heads.active()),
             "pcb/pairwise_bias": float(torch.linalg.norm(matrix - matrix.t())),
         }
         diagonal = matrix.diagonal()

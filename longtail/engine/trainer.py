@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..data import load_class_stats
 from ..evaluation import LongTailLVISEvaluator
-from ..modeling.pcb_roi_heads import PCBROIHeads
+from ..modeling.pcb_roi_heads import PCBIterativeHead
 from ..modeling.predictors import ECMOutputLayers
 from .decoupled import StageTwoCheckpointer, train_only
 from .hooks import ECMBackgroundRatioHook, PCBConfusionHook
@@ -158,7 +158,7 @@ class LongTailTrainer(DefaultTrainer):
         for module in self.model.modules():
             if isinstance(module, ECMOutputLayers) and module.measure_iters > 0:
                 hooks.append(ECMBackgroundRatioHook(module, self.cfg.OUTPUT_DIR))
-            if isinstance(module, PCBROIHeads) and module.confusion is not None:
+            if isinstance(module, PCBIterativeHead):
                 hooks.append(PCBConfusionHook(
                     module, load_class_stats(self.cfg), self.cfg.OUTPUT_DIR,
                     self.cfg.MODEL.LONGTAIL.PCB.LOG_PERIOD, self.cfg.SOLVER.CHECKPOINT_PERIOD,

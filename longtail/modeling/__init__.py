@@ -4,14 +4,14 @@
 from .classifiers import CosineLinear, CosineMaskRCNNConvUpsampleHead, build_box_classifier
 from .predictors import LONGTAIL_PREDICTOR_REGISTRY, build_longtail_predictor
 from .roi_heads import LongTailROIHeads
-from .pcb_roi_heads import PCBROIHeads  # registers PCBROIHeads
+from .pcb_roi_heads import PCBIterativeHead
 
 __all__ = [
     "CosineLinear",
     "CosineMaskRCNNConvUpsampleHead",
     "LONGTAIL_PREDICTOR_REGISTRY",
     "LongTailROIHeads",
-    "PCBROIHeads",
+    "PCBIterativeHead",
     "build_box_classifier",
     "build_longtail_predictor",
 ]

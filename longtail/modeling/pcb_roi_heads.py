@@ -1,13 +1,12 @@
-"""PCB (He et al., CVPR 2022): the iterative box head and the confusion-matrix regulariser.
-Math: ``functional/pcb.py``; design: specs/pcb.md §2-§4."""
+"""PCB (He et al., CVPR 2022): the iterative box head and the confusion-matrix regulariser, which
+LongTailROIHeads runs when MODEL.LONGTAIL.PCB.ENABLED. Math: ``functional/pcb.py``; design:
+specs/pcb.md §2-§4."""
 import inspect
 import logging
 from typing import Sequence
 
 import torch
-from detectron2.config import configurable
 from detectron2.layers import cat
-from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
@@ -21,11 +20,10 @@ from ..functional.pcb import (
 )
 from .distributed import all_reduce_sum
 from .predictors import LongTailOutputLayers
-from .roi_heads import LongTailROIHeads
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ConfusionMatrixEMA", "PCBROIHeads"]
+__all__ = ["ConfusionMatrixEMA", "PCBIterativeHead"]
 
 
 class ConfusionMatrixEMA(nn.Module):
@@ -64,23 +62,24 @@ def _accepts_soft_targets(predictor) -> bool:
     return "soft_targets" in inspect.signature(predictor.classification_loss).parameters
 
 
-@ROI_HEADS_REGISTRY.register()
-class PCBROIHeads(LongTailROIHeads):
-    """:class:`LongTailROIHeads` whose box branch runs ``num_steps`` times with shared weights,
-    each pass modulating the pooled RoI features with the previous pass's logits and deltas
-    (``X <- X * mlp_box(deltas) + mlp_cls(logits)``), and, with PCB enabled, trains each pass's
-    classifier against the fightback soft labels of the confusion matrix.
+class PCBIterativeHead(nn.Module):
+    """PCB's box branch, owned by :class:`LongTailROIHeads` when ``MODEL.LONGTAIL.PCB.ENABLED``:
+    the box head and predictor run ``num_steps`` times with shared weights, each pass modulating
+    the pooled RoI features with the previous pass's logits and deltas
+    (``X <- X * mlp_box(deltas) + mlp_cls(logits)``), and each pass's classifier trains against
+    the fightback soft labels of the confusion matrix.
 
     Losses: pass r's classification loss weighted by ``step_weights[r]`` (logged with the suffix
     ``_step{r}``), the box regression loss of the last pass only. Inference uses the last pass.
-    The mask branch is upstream's.
+    ``alpha = 0`` is the paper's "iterative head only" ablation, ``num_steps = 1`` its "PCB only".
+
+    The box head and predictor stay the ROI heads' modules; they are passed in, not owned, so the
+    state-dict keys of a PCB model are those of the plain model plus ``pcb.*``.
     """
 
-    supports_pcb = True
-
-    @configurable
     def __init__(
         self,
+        predictor,
         *,
         pooled_channels: int,
         pooler_resolution: int,
@@ -88,41 +87,33 @@ class PCBROIHeads(LongTailROIHeads):
         step_weights: Sequence[float] = (0.2, 0.2, 0.6),
         mlp_hidden: int = 512,
         mlp_layer_norm: bool = False,
-        pcb_enabled: bool = False,
         alpha: float = 0.4,
         momentum: float = 0.99,
         start_iter: int = 0,
         require_all_seen: bool = True,
-        **kwargs,
     ):
-        super().__init__(**kwargs)
-        predictor = self.box_predictor
-        if not isinstance(predictor, LongTailOutputLayers):
-            raise ValueError(
-                "PCBROIHeads needs a long-tail predictor; for softmax CE set "
-                "MODEL.LONGTAIL.PREDICTOR: SoftmaxCEOutputLayers."
-            )
-        if pcb_enabled and not (hasattr(predictor, "foreground_class_probs") and _accepts_soft_targets(predictor)):
+        super().__init__()
+        if not (isinstance(predictor, LongTailOutputLayers) and hasattr(predictor, "foreground_class_probs")
+                and _accepts_soft_targets(predictor)):
             raise ValueError(
                 f"MODEL.LONGTAIL.PCB.ENABLED needs a predictor that trains on soft labels; "
                 f"{type(predictor).__name__} does not. Use SoftmaxCEOutputLayers (CE, CE + RFS), "
-                "EQLv2OutputLayers or SeesawOutputLayers."
+                "EQLv2OutputLayers or SeesawOutputLayers as MODEL.LONGTAIL.PREDICTOR."
             )
         if num_steps < 1 or len(step_weights) != num_steps:
             raise ValueError(
                 f"MODEL.LONGTAIL.PCB.STEP_WEIGHTS needs one weight per pass: {len(step_weights)} "
                 f"weights for NUM_STEPS {num_steps}"
             )
-        if self.train_on_pred_boxes:
-            raise ValueError("PCBROIHeads does not support MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES")
+        self.num_classes = predictor.num_classes
         self.num_steps = num_steps
         self.step_weights = tuple(float(w) for w in step_weights)
         self.pooled_channels, self.pooler_resolution = pooled_channels, pooler_resolution
-        num_logits = predictor.cls_score.out_features
+        self.num_logits = predictor.cls_score.out_features
         # Default nn.Linear initialisation, as the reference (§2.4); the outputs are used unbounded.
         self.cls_modulation = nn.Sequential(
-            *([nn.LayerNorm(num_logits)] if mlp_layer_norm else []),
-            nn.Linear(num_logits, mlp_hidden),
+            *([nn.LayerNorm(self.num_logits)] if mlp_layer_norm else []),
+            nn.Linear(self.num_logits, mlp_hidden),
             nn.ReLU(inplace=True),
             nn.Linear(mlp_hidden, pooled_channels),
         )
@@ -134,78 +125,69 @@ class PCBROIHeads(LongTailROIHeads):
         self.alphas = pcb_step_alphas(alpha, num_steps)
         self.start_iter = int(start_iter)
         self.require_all_seen = bool(require_all_seen)
-        self.confusion = (
-            ConfusionMatrixEMA(self.num_classes, momentum, predictor.foreground_probs_sum_to_one)
-            if pcb_enabled
-            else None
-        )
+        self.confusion = ConfusionMatrixEMA(self.num_classes, momentum, predictor.foreground_probs_sum_to_one)
 
     @classmethod
-    def from_config(cls, cfg, input_shape):
-        ret = super().from_config(cfg, input_shape)
+    def from_config(cls, cfg, predictor, input_shape):
+        """The head for ``cfg.MODEL.LONGTAIL.PCB`` around ``predictor``; ``input_shape`` is the ROI
+        heads' feature shapes."""
         pcb = cfg.MODEL.LONGTAIL.PCB
         channels = {input_shape[f].channels for f in cfg.MODEL.ROI_HEADS.IN_FEATURES}
-        ret.update(
+        if len(channels) != 1:
+            raise ValueError(f"PCB needs ROI features of one width, got channels {sorted(channels)}")
+        if cfg.MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES:
+            raise ValueError("PCB does not support MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES")
+        return cls(
+            predictor,
             pooled_channels=channels.pop(),
             pooler_resolution=cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION,
             num_steps=pcb.NUM_STEPS,
             step_weights=tuple(pcb.STEP_WEIGHTS),
             mlp_hidden=pcb.MLP_HIDDEN,
             mlp_layer_norm=pcb.MLP_LAYER_NORM,
-            pcb_enabled=pcb.ENABLED,
             alpha=pcb.ALPHA,
             momentum=pcb.MOMENTUM,
             start_iter=pcb.START_ITER,
             require_all_seen=pcb.REQUIRE_ALL_SEEN,
         )
-        return ret
 
-    def _passes(self, box_features):
-        """The (scores, deltas) of every pass."""
+    def passes(self, box_head, predictor, box_features):
+        """The (scores, deltas) of every pass over the pooled ``box_features``."""
         passes = []
-        num_logits = self.box_predictor.cls_score.out_features
         for step in range(self.num_steps):
-            scores, deltas = self.box_predictor(self.box_head(box_features))
+            scores, deltas = predictor(box_head(box_features))
             passes.append((scores, deltas))
             if step + 1 < self.num_steps:  # the last refinement would be unused
                 res = self.pooler_resolution
                 box_features = box_features * self.box_modulation(deltas).view(-1, 1, res, res) + (
-                    self.cls_modulation(scores[:, :num_logits]).view(-1, self.pooled_channels, 1, 1)
+                    self.cls_modulation(scores[:, : self.num_logits]).view(-1, self.pooled_channels, 1, 1)
                 )
         return passes
 
-    def pcb_active(self) -> bool:
+    def active(self) -> bool:
         """Whether the regulariser acts in this iteration (start iteration, every class seen)."""
-        if self.confusion is None:
-            return False
         return pcb_active(get_event_storage().iter, self.start_iter, self.confusion.pcb_seen,
                           self.require_all_seen)
 
-    def _forward_box(self, features, proposals):
-        features = [features[f] for f in self.box_in_features]
-        box_features = self.box_pooler(features, [p.proposal_boxes for p in proposals])
-        passes = self._passes(box_features)
-        if not self.training:
-            return self.box_predictor.inference(passes[-1], proposals)[0]
-
-        predictor = self.box_predictor
+    def losses(self, predictor, passes, proposals):
+        """The training losses of all passes (see the class docstring)."""
+        device = passes[-1][0].device
         if proposals:
             gt_classes = cat([p.gt_classes for p in proposals], dim=0)
         else:
-            gt_classes = torch.empty(0, dtype=torch.long, device=box_features.device)
+            gt_classes = torch.empty(0, dtype=torch.long, device=device)
         foreground = gt_classes < self.num_classes
-        active = self.pcb_active()
+        active = self.active()
         losses = {}
         for step, ((scores, deltas), weight) in enumerate(zip(passes, self.step_weights)):
+            # One update per pass, as the reference (3 per iteration); read after the update.
+            fg_probs = predictor.foreground_class_probs(scores.detach())[foreground]
+            self.confusion.update(fg_probs, gt_classes[foreground])
+            alpha = self.alphas[step] if active else 0.0
             soft_targets = None
-            if self.confusion is not None:
-                # One update per pass, as the reference (3 per iteration); read after the update.
-                fg_probs = predictor.foreground_class_probs(scores.detach())[foreground]
-                self.confusion.update(fg_probs, gt_classes[foreground])
-                alpha = self.alphas[step] if active else 0.0
-                if alpha > 0:
-                    fightback = self.confusion.fightback(gt_classes[foreground])
-                    soft_targets = pcb_mixed_targets(gt_classes, fightback, alpha, self.num_classes)
+            if alpha > 0:
+                fightback = self.confusion.fightback(gt_classes[foreground])
+                soft_targets = pcb_mixed_targets(gt_classes, fightback, alpha, self.num_classes)
             if step + 1 < self.num_steps:
                 kwargs = {} if soft_targets is None else {"soft_targets": soft_targets}
                 step_losses = predictor.classification_loss(scores, gt_classes, **kwargs)
