@@ -29,6 +29,7 @@ def add_longtail_config(cfg):
     # MODEL.ROI_MASK_HEAD.NAME). [C] ECM and IIF: 20.
     _C.MODEL.LONGTAIL.MASK_COSINE_SCALE = 20.0
     _add_decoupled_config(_C)
+    _add_evaluation_config(_C)
     _add_bags_config(_C)
     _add_ecm_config(_C)
     _add_eqlv2_config(_C)
@@ -53,6 +54,19 @@ def _add_decoupled_config(_C):
     # and every BatchNorm without a trainable parameter becomes a FrozenBatchNorm2d, so frozen
     # parts keep their stage-1 statistics too. Empty: everything trains (the usual run).
     _C.MODEL.LONGTAIL.DECOUPLED.TRAIN_ONLY = []
+
+
+def _add_evaluation_config(_C):
+    """Extra LVIS metrics (specs/evaluation.md §3-4). The standard LVIS numbers are always
+    reported; these add tasks beside them."""
+    _C.MODEL.LONGTAIL.EVAL = CN()
+    # AP^fixed (Dave et al. 2021): no per-image cap, the top AP_FIXED_TOPK detections per class
+    # over the dataset; reported as bbox_fixed / segm_fixed. Meaningful only when inference keeps
+    # enough detections per class (TEST.DETECTIONS_PER_IMAGE -1 or large); otherwise a lower bound.
+    _C.MODEL.LONGTAIL.EVAL.AP_FIXED = False
+    _C.MODEL.LONGTAIL.EVAL.AP_FIXED_TOPK = 10000
+    # BAGS' bins by training instance count (AP1-AP4 over [0,10), [10,100), [100,1000), [1000,inf)).
+    _C.MODEL.LONGTAIL.EVAL.INSTANCE_BINS = True
 
 
 def _add_bags_config(_C):

@@ -16,7 +16,7 @@ import pycocotools.mask as mask_utils
 import pytest
 from faster_coco_eval import COCO, COCOeval_faster
 
-from longtail.evaluation import LongTailLVISEvaluator, evaluate_lvis_results
+from longtail.evaluation import LongTailLVISEvaluator, evaluate_lvis_fixed, evaluate_lvis_results
 from longtail.evaluation.lvis_style import instance_count_bin
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
@@ -232,8 +232,11 @@ def _for_task(results, iou_type):
     return copies
 
 
-def _lvis_api(gt_path, results, iou_type, monkeypatch):
-    """lvis-api 0.5.3's (results dict, precision (T, R, K, A)) on deep copies of the results."""
+def _lvis_api(gt_path, results, iou_type, monkeypatch, max_dets=300):
+    """lvis-api 0.5.3's (results dict, precision (T, R, K, A)) on deep copies of the results.
+
+    ``max_dets`` is lvis-api's per-image cap (-1: none).
+    """
     # lvis-api 0.5.3 uses np.float, removed in numpy 1.24.
     monkeypatch.setattr(np, "float", float, raising=False)
     from lvis import LVIS, LVISEval, LVISResults
@@ -242,7 +245,7 @@ def _lvis_api(gt_path, results, iou_type, monkeypatch):
         # lvis-api calls the deprecated Logger.warn.
         warnings.simplefilter("ignore", DeprecationWarning)
         lvis_gt = LVIS(gt_path)
-        lvis_dt = LVISResults(lvis_gt, _for_task(results, iou_type), max_dets=300)
+        lvis_dt = LVISResults(lvis_gt, _for_task(results, iou_type), max_dets=max_dets)
         evaluator = LVISEval(lvis_gt, lvis_dt, iou_type)
         evaluator.run()
     return evaluator.results, evaluator.eval["precision"]
@@ -851,3 +854,307 @@ def test_evaluator_default_id_mapping_and_missing_json(tmp_path):
     finally:
         MetadataCatalog.remove(name)
         MetadataCatalog.remove(missing)
+
+
+# --------------------------------------------------------------------------------------------
+# 13: AP^fixed (no per-image cap, top K per class over the dataset)
+# --------------------------------------------------------------------------------------------
+
+
+def _top_k_per_class(results, k):
+    """Independent per-class top-K: rank by (-score, input position), keep the input order."""
+    positions = {}
+    for index, res in enumerate(results):
+        positions.setdefault(res["category_id"], []).append(index)
+    kept = set()
+    for indices in positions.values():
+        ranked = sorted(indices, key=lambda i: (-results[i]["score"], i))
+        kept.update(ranked[:k])
+    return [res for index, res in enumerate(results) if index in kept]
+
+
+def test_ap_fixed_crowded_case(caplog):
+    """Spec hand case 13: 300 discarded class-3 results at 0.9 crowd image 1."""
+    gt, results = _crowded_case(300)
+    standard = evaluate_lvis_results(gt, results, "bbox")
+    assert _class_ap(standard, 1) == pytest.approx(0.504950, abs=1e-6)
+    assert _class_ap(standard, 2) == 0.0
+
+    with caplog.at_level(logging.INFO, logger="longtail.evaluation.lvis_style"):
+        fixed = evaluate_lvis_fixed(gt, results, "bbox", topk=2)
+    # No per-image cap: both TPs of class 1 (0.8, 0.5) and the TP of class 2 count again.
+    assert _class_ap(fixed, 1) == pytest.approx(1.0)
+    assert _class_ap(fixed, 2) == pytest.approx(1.0)
+    # Class 3's top 2 are crowd results at 0.9 that the federated filter then discards: the cap
+    # comes first (as in lvis-api's challenge branch), so its TP at 0.8 is cut.
+    assert _class_ap(fixed, 3) == 0.0
+    assert fixed.per_class[2]["num_dets"] == 0
+    assert fixed.metrics["APr"] == pytest.approx(100.0) and fixed.metrics["APf"] == 0.0
+    # Class 2 has a single result (< K = 2); classes 1 and 3 have at least 2.
+    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("1 of 3 classes have fewer than 2 results (0 have none)" in m for m in messages)
+    # The argument form is the same code path.
+    same = evaluate_lvis_results(gt, results, "bbox", max_dets_per_image=-1, max_dets_per_class=2)
+    np.testing.assert_array_equal(same.precision, fixed.precision)
+
+    # With the paper's K every class is whole: the crowd no longer costs anything.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="longtail.evaluation.lvis_style"):
+        large_k = evaluate_lvis_fixed(gt, results, "bbox")
+    assert [r["AP"] for r in large_k.per_class] == pytest.approx([1.0, 1.0, 1.0])
+    assert any("3 of 3 classes have fewer than 10000" in r.getMessage() for r in caplog.records)
+
+    with pytest.raises(ValueError, match="max_dets_per_class"):
+        evaluate_lvis_results(gt, results, "bbox", max_dets_per_class=0)
+    with pytest.raises(TypeError, match="max_dets_per_image"):
+        evaluate_lvis_fixed(gt, results, "bbox", max_dets_per_image=300)
+
+
+def test_ap_fixed_crowded_case_matches_lvis_api(monkeypatch, tmp_path):
+    gt, results = _crowded_case(300)
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(gt))
+    for k in (1, 2, 301):
+        ours = evaluate_lvis_fixed(gt, results, "bbox", topk=k)
+        reference, reference_precision = _lvis_api(
+            str(path), _top_k_per_class(results, k), "bbox", monkeypatch, max_dets=-1
+        )
+        np.testing.assert_allclose(ours.precision, reference_precision, rtol=0, atol=1e-12)
+        assert ours.metrics["AP"] == pytest.approx(reference["AP"] * 100, abs=1e-9)
+
+
+@pytest.mark.parametrize("iou_type", ["bbox", "segm"])
+def test_ap_fixed_parity_with_lvis_api(fixture_data, iou_type, monkeypatch):
+    """AP^fixed equals lvis-api 0.5.3 run on per-class top-K results with no per-image cap."""
+    gt, gt_path, results = fixture_data
+    k = 60  # the fixture has ~100 results per class: the cap binds for most classes
+    per_class = {}
+    for res in results:
+        per_class[res["category_id"]] = per_class.get(res["category_id"], 0) + 1
+    assert sum(n > k for n in per_class.values()) >= 10
+    reference, reference_precision = _lvis_api(
+        gt_path, _top_k_per_class(results, k), iou_type, monkeypatch, max_dets=-1
+    )
+    outcome = evaluate_lvis_fixed(gt_path, results, iou_type, topk=k, chunk_size=7)
+
+    for key in METRICS:
+        expected = reference[key] * 100 if reference[key] > -1 else float("nan")
+        assert _nan_equal(outcome.metrics[key], expected, 1e-4), (key, outcome.metrics[key])
+    assert not any(math.isnan(outcome.metrics[key]) for key in METRICS)
+    np.testing.assert_array_equal(outcome.precision == -1, reference_precision == -1)
+    np.testing.assert_allclose(outcome.precision, reference_precision, rtol=0, atol=1e-12)
+    # AP^fixed is a different number from the standard AP and from no cap at all.
+    standard = evaluate_lvis_results(gt, results, iou_type)
+    uncapped = evaluate_lvis_results(gt, results, iou_type, max_dets_per_image=-1)
+    assert abs(outcome.metrics["AP"] - standard.metrics["AP"]) > 0.05
+    assert abs(outcome.metrics["AP"] - uncapped.metrics["AP"]) > 0.05
+    # A K above every class's count is the uncapped evaluation.
+    whole = evaluate_lvis_fixed(gt, results, iou_type, topk=max(per_class.values()))
+    np.testing.assert_array_equal(whole.precision, uncapped.precision)
+
+
+def test_ap_fixed_bins(fixture_data):
+    gt, _, results = fixture_data
+    cycle = [0, 9, 10, 99, 100, 999, 1000]
+    train_counts = {c: cycle[c % len(cycle)] for c in range(1, NUM_CLASSES + 1)}
+    outcome = evaluate_lvis_fixed(gt, results, "bbox", topk=60, train_instance_count=train_counts)
+    for b in (1, 2, 3, 4):
+        aps = [r["AP"] for r in outcome.per_class if r["bin"] == b and r["AP"] is not None]
+        assert aps
+        assert outcome.metrics[f"AP{b}"] == pytest.approx(100 * np.mean(aps), abs=1e-9)
+    assert "AP1" not in evaluate_lvis_fixed(gt, results, "bbox", topk=60).metrics
+
+
+def test_evaluator_ap_fixed_and_bins(registered_dataset, tmp_path, caplog):
+    name, _ = registered_dataset
+    inputs = [{"image_id": i, "height": 200, "width": 240} for i in (1, 2, 3)]
+    outputs = [
+        # Image 1: a far FP of class 3 scores above its TP -> AP(3) = 0.5; with K = 1 only the FP
+        # is left -> AP^fixed(3) = 0.
+        {"instances": _instances([[150, 150, 30, 30], [10, 10, 40, 40]], [0.95, 0.9], [0, 0])},
+        {"instances": _instances([[50, 60, 70, 30]], [0.8], [1])},
+        {"instances": _instances([[5, 100, 120, 90]], [0.7], [2])},
+    ]
+    out_dir = tmp_path / "eval"
+    evaluator = LongTailLVISEvaluator(
+        name,
+        output_dir=str(out_dir),
+        train_instance_count=[5, 50, 5000],
+        ap_fixed=True,
+        ap_fixed_topk=1,
+    )
+    evaluator.reset()
+    evaluator.process(inputs, outputs)
+    with caplog.at_level(logging.INFO, logger="longtail.evaluation"):
+        metrics = evaluator.evaluate()
+
+    assert list(metrics) == ["bbox", "segm", "bbox_fixed", "segm_fixed"]
+    for task in ("bbox", "segm"):
+        standard, fixed = metrics[task], metrics[task + "_fixed"]
+        assert set(fixed) == set(standard) == set(METRICS) | {"AP1", "AP2", "AP3", "AP4"}
+        assert standard["AP"] == pytest.approx(100 * 2.5 / 3, abs=1e-9)
+        assert fixed["AP"] == pytest.approx(100 * 2 / 3, abs=1e-9)
+        assert fixed["APr"] == 0.0 and fixed["APc"] == pytest.approx(100.0)
+        assert fixed["AP1"] == 0.0 and fixed["AP4"] == pytest.approx(100.0)
+        assert math.isnan(fixed["AP3"])
+        per_class = json.loads((out_dir / f"lvis_per_class_{task}_fixed.json").read_text())
+        assert [r["AP"] for r in per_class] == pytest.approx([0.0, 1.0, 1.0])
+        assert [r["num_dets"] for r in per_class] == [1, 1, 1]
+    messages = [r.getMessage() for r in caplog.records]
+    # Tables for the fixed tasks; every class has at least K = 1 result, so no lower-bound warning.
+    assert any("Evaluation results for segm_fixed (AP^fixed, top 1" in m for m in messages)
+    assert any("every one of the 3 classes has at least 1 result" in m for m in messages)
+    assert not any("fewer than" in m for m in messages)
+
+    # Bins off: no AP1..AP4 in any task. AP^fixed with a per-image cap of 1 in the standard AP.
+    evaluator = LongTailLVISEvaluator(
+        name,
+        tasks=["bbox"],
+        distributed=False,
+        max_dets_per_image=1,
+        train_instance_count=[5, 50, 5000],
+        ap_fixed=True,
+        instance_bins=False,
+    )
+    evaluator.reset()
+    evaluator.process(inputs, outputs)
+    metrics = evaluator.evaluate()
+    assert list(metrics) == ["bbox", "bbox_fixed"]
+    assert set(metrics["bbox"]) == set(metrics["bbox_fixed"]) == set(METRICS)
+    # Standard: image 1 keeps only its FP. Fixed ignores the per-image cap: AP(3) = 0.5 again.
+    assert metrics["bbox"]["APr"] == 0.0
+    assert metrics["bbox_fixed"]["APr"] == pytest.approx(50.0, abs=1e-9)
+
+    # AP^fixed off (the default): no extra tasks.
+    evaluator = LongTailLVISEvaluator(name, tasks=["bbox"], distributed=False)
+    evaluator.reset()
+    evaluator.process(inputs, outputs)
+    assert list(evaluator.evaluate()) == ["bbox"]
+    with pytest.raises(ValueError, match="ap_fixed_topk"):
+        LongTailLVISEvaluator(name, ap_fixed=True, ap_fixed_topk=0)
+
+
+def _eval_cfg(stats_path, **eval_keys):
+    from detectron2.config import get_cfg
+
+    from longtail import add_longtail_config
+
+    cfg = get_cfg()
+    add_longtail_config(cfg)
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 3
+    cfg.MODEL.LONGTAIL.CLASS_STATS_PATH = str(stats_path)
+    for key, value in eval_keys.items():
+        if key == "DETECTIONS_PER_IMAGE":
+            cfg.TEST.DETECTIONS_PER_IMAGE = value
+        else:
+            setattr(cfg.MODEL.LONGTAIL.EVAL, key, value)
+    return cfg
+
+
+def test_build_evaluator_reads_eval_config(registered_dataset, tmp_path, caplog):
+    from longtail.engine import LongTailTrainer
+
+    name, _ = registered_dataset
+    stats_path = tmp_path / "train_stats.json"
+    stats_path.write_text(
+        json.dumps(
+            {
+                "num_images": 100,
+                "categories": [
+                    {"id": i + 1, "name": f"c{i}", "image_count": n, "instance_count": n}
+                    for i, n in enumerate([5, 50, 5000])
+                ],
+            }
+        )
+    )
+    inputs = [{"image_id": i, "height": 200, "width": 240} for i in (1, 2, 3)]
+    outputs = [
+        {"instances": _instances([[150, 150, 30, 30], [10, 10, 40, 40]], [0.95, 0.9], [0, 0])},
+        {"instances": _instances([[50, 60, 70, 30]], [0.8], [1])},
+        {"instances": _instances([[5, 100, 120, 90]], [0.7], [2])},
+    ]
+
+    def run(cfg):
+        evaluator = LongTailTrainer.build_evaluator(cfg, name, output_folder=str(tmp_path / "o"))
+        evaluator._distributed = False
+        evaluator.reset()
+        evaluator.process(inputs, outputs)
+        return evaluator.evaluate()
+
+    # Defaults: AP^fixed off, bins on (counts from CLASS_STATS_PATH).
+    metrics = run(_eval_cfg(stats_path))
+    assert list(metrics) == ["bbox", "segm"]
+    assert metrics["bbox"]["AP1"] == pytest.approx(50.0) and math.isnan(metrics["bbox"]["AP3"])
+
+    # AP_FIXED with K = 1 and bins off reach the evaluator; no per-image cap at inference, so
+    # nothing to warn about.
+    cfg = _eval_cfg(
+        stats_path, AP_FIXED=True, AP_FIXED_TOPK=1, INSTANCE_BINS=False, DETECTIONS_PER_IMAGE=-1
+    )
+    with caplog.at_level(logging.WARNING, logger="longtail.engine.trainer"):
+        metrics = run(cfg)
+    assert list(metrics) == ["bbox", "segm", "bbox_fixed", "segm_fixed"]
+    assert metrics["bbox_fixed"]["AP"] == pytest.approx(100 * 2 / 3, abs=1e-9)
+    assert "AP1" not in metrics["bbox"] and "AP1" not in metrics["bbox_fixed"]
+    assert not [r for r in caplog.records if r.name == "longtail.engine.trainer"]
+
+    # The default K with LVIS's 300 per image at inference: AP^fixed is a lower bound, say so.
+    caplog.clear()
+    cfg = _eval_cfg(stats_path, AP_FIXED=True, DETECTIONS_PER_IMAGE=300)
+    with caplog.at_level(logging.WARNING, logger="longtail.engine.trainer"):
+        metrics = run(cfg)
+    assert metrics["bbox_fixed"]["AP"] == pytest.approx(100 * 2.5 / 3, abs=1e-9)
+    assert metrics["bbox_fixed"]["AP4"] == pytest.approx(100.0)
+    messages = [r.getMessage() for r in caplog.records if r.name == "longtail.engine.trainer"]
+    assert len(messages) == 1
+    assert "lower bound" in messages[0] and "TEST.DETECTIONS_PER_IMAGE -1" in messages[0]
+
+
+def test_detectron2_inference_accepts_no_per_image_cap():
+    """TEST.DETECTIONS_PER_IMAGE -1 keeps every detection in upstream Fast R-CNN inference."""
+    import torch
+    from detectron2.config import get_cfg
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
+    from detectron2.structures import Boxes, Instances
+
+    # 20 x 20 disjoint 8x8 proposals, 3 classes with equal scores: 1200 detections survive NMS.
+    xs, ys = np.meshgrid(np.arange(20) * 10.0, np.arange(20) * 10.0)
+    boxes = np.stack([xs.ravel(), ys.ravel(), xs.ravel() + 8, ys.ravel() + 8], axis=1)
+    proposals = Instances((200, 200))
+    proposals.proposal_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32))
+    kept = {}
+    for per_image in (-1, 300):
+        cfg = get_cfg()
+        cfg.MODEL.ROI_HEADS.NUM_CLASSES = 3
+        cfg.TEST.DETECTIONS_PER_IMAGE = per_image
+        head = FastRCNNOutputLayers(cfg, ShapeSpec(channels=4))
+        assert head.test_topk_per_image == per_image
+        logits = torch.zeros((len(boxes), 4))
+        deltas = torch.zeros((len(boxes), 12))
+        with torch.no_grad():
+            instances, _ = head.inference((logits, deltas), [proposals])
+        kept[per_image] = len(instances[0])
+    assert kept == {-1: 1200, 300: 300}
+
+
+def test_ap_fixed_ties_at_k_keep_input_order(monkeypatch, tmp_path):
+    """Tied scores at the K-th place: the result that comes first in the input list is kept,
+    across images too (no per-image regrouping before the per-class cap)."""
+    gt = _hand_gt(
+        {1: {"neg": []}, 2: {"neg": []}},
+        [(1, 1, [10, 10, 40, 40]), (1, 2, [100, 100, 40, 40]), (2, 1, [10, 10, 40, 40])],
+        {1: "r", 2: "c"},
+    )
+    tp_1, fp_2 = _det(1, 1, [10, 10, 40, 40], 0.5), _det(2, 1, [120, 120, 30, 30], 0.5)
+    first = _det(1, 2, [100, 100, 40, 40], 0.9)  # image 1 appears first in the input
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(gt))
+    for order, expected in (([first, fp_2, tp_1], 0.0), ([first, tp_1, fp_2], 51 / 101)):
+        outcome = evaluate_lvis_fixed(gt, order, "bbox", topk=1)
+        # Class 1 keeps one of its two 0.5 results: the TP (recall 1/2) or the FP.
+        assert _class_ap(outcome, 1) == pytest.approx(expected, abs=1e-12)
+        _, reference_precision = _lvis_api(
+            str(path), _top_k_per_class(order, 1), "bbox", monkeypatch, max_dets=-1
+        )
+        np.testing.assert_allclose(outcome.precision, reference_precision, rtol=0, atol=1e-12)

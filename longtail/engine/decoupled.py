@@ -8,8 +8,9 @@ import logging
 from typing import Iterable, List, Sequence
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.layers import FrozenBatchNorm2d
+
+from .checkpoint import LongTailCheckpointer
 
 logger = logging.getLogger(__name__)
 
@@ -60,9 +61,10 @@ def _freeze_batchnorms(module: torch.nn.Module) -> None:
             _freeze_batchnorms(child)
 
 
-class StageTwoCheckpointer(DetectionCheckpointer):
-    """A :class:`DetectionCheckpointer` that, when a run starts from ``MODEL.WEIGHTS`` (not on
-    ``--resume``), leaves the weights under ``reinit`` prefixes at their fresh initialisation.
+class StageTwoCheckpointer(LongTailCheckpointer):
+    """A :class:`LongTailCheckpointer` (safe loading; ``trust_checkpoint`` is passed on) that,
+    when a run starts from ``MODEL.WEIGHTS`` (not on ``--resume``), leaves the weights under
+    ``reinit`` prefixes at their fresh initialisation.
 
     Loading checks that the file really is a stage-1 detector: a parameter outside ``reinit``
     that the checkpoint lacks, or holds with another shape, is an error, because stage 2 would

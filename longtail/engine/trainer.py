@@ -4,7 +4,6 @@ import os
 import weakref
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, create_ddp_model
 from detectron2.engine.train_loop import TrainerBase
 from detectron2.utils import comm
@@ -15,7 +14,9 @@ from ..data import load_class_stats
 from ..evaluation import LongTailLVISEvaluator
 from ..modeling.pcb_roi_heads import PCBIterativeHead
 from ..modeling.predictors import ECMOutputLayers
+from .checkpoint import LongTailCheckpointer
 from .decoupled import StageTwoCheckpointer, train_only
+from .guards import NonFiniteLossGuard, method_description
 from .hooks import ECMBackgroundRatioHook, PCBConfusionHook
 
 logger = logging.getLogger(__name__)
@@ -82,7 +83,14 @@ class LongTailTrainer(DefaultTrainer):
     (``DATALOADER.SAMPLER_TRAIN``), used as is.
     """
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, *, trust_checkpoint: bool = False):
+        """
+        Args:
+            cfg: the config.
+            trust_checkpoint: load MODEL.WEIGHTS and resumed checkpoints with detectron2's
+                unrestricted unpickling (train_net.py's ``--trust-checkpoint``); by default only
+                tensors and plain values are read (:class:`LongTailCheckpointer`).
+        """
         # The construction order of DefaultTrainer.__init__, with one difference: detectron2's
         # create_ddp_model always passes device_ids=[local_rank], which DistributedDataParallel
         # rejects for CPU modules. There is no narrower seam to change that call.
@@ -100,11 +108,16 @@ class LongTailTrainer(DefaultTrainer):
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         model = self.wrap_ddp(model)
+        # A NaN/inf loss stops the run right after the forward pass, before backward and the
+        # optimizer step, naming the iteration, the loss terms and the method.
+        model.register_forward_hook(NonFiniteLossGuard(method_description(cfg)))
         trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
         self._trainer = trainer_cls(model, data_loader, optimizer)
 
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = self.build_checkpointer(cfg, model, trainer=weakref.proxy(self))
+        self.checkpointer = self.build_checkpointer(
+            cfg, model, trust_checkpoint=trust_checkpoint, trainer=weakref.proxy(self)
+        )
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
@@ -120,13 +133,16 @@ class LongTailTrainer(DefaultTrainer):
         return model
 
     @staticmethod
-    def build_checkpointer(cfg, model, **checkpointables):
-        """The training checkpointer; a decoupled stage 2 (``DECOUPLED.REINIT``) loads its
-        stage-1 weights through :class:`StageTwoCheckpointer`."""
+    def build_checkpointer(cfg, model, *, trust_checkpoint: bool = False, **checkpointables):
+        """The training checkpointer, a :class:`LongTailCheckpointer` (files are read without
+        arbitrary unpickling unless ``trust_checkpoint``); a decoupled stage 2
+        (``DECOUPLED.REINIT``) loads its stage-1 weights through :class:`StageTwoCheckpointer`."""
         reinit = cfg.MODEL.LONGTAIL.DECOUPLED.REINIT
         if reinit:
-            return StageTwoCheckpointer(model, cfg.OUTPUT_DIR, reinit=reinit, **checkpointables)
-        return DetectionCheckpointer(model, cfg.OUTPUT_DIR, **checkpointables)
+            return StageTwoCheckpointer(model, cfg.OUTPUT_DIR, reinit=reinit,
+                                        trust_checkpoint=trust_checkpoint, **checkpointables)
+        return LongTailCheckpointer(model, cfg.OUTPUT_DIR, trust_checkpoint=trust_checkpoint,
+                                    **checkpointables)
 
     @staticmethod
     def wrap_ddp(model):
@@ -170,9 +186,25 @@ class LongTailTrainer(DefaultTrainer):
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         stats = load_class_stats(cfg)
+        eval_cfg = cfg.MODEL.LONGTAIL.EVAL
+        per_image = cfg.TEST.DETECTIONS_PER_IMAGE
+        if eval_cfg.AP_FIXED and 0 <= per_image < eval_cfg.AP_FIXED_TOPK:
+            logger.warning(
+                "MODEL.LONGTAIL.EVAL.AP_FIXED with TEST.DETECTIONS_PER_IMAGE %d: inference keeps "
+                "at most %d detections per image, so bbox_fixed/segm_fixed are a lower bound of "
+                "AP^fixed (top %d per class). For the real AP^fixed run inference with "
+                "TEST.DETECTIONS_PER_IMAGE -1 (no per-image cap; the standard AP still caps at "
+                "300 per image in the evaluator).",
+                per_image,
+                per_image,
+                eval_cfg.AP_FIXED_TOPK,
+            )
         return LongTailLVISEvaluator(
             dataset_name,
             output_dir=output_folder,
             train_instance_count=stats.instance_count,
             train_image_count=stats.image_count,
+            ap_fixed=eval_cfg.AP_FIXED,
+            ap_fixed_topk=eval_cfg.AP_FIXED_TOPK,
+            instance_bins=eval_cfg.INSTANCE_BINS,
         )

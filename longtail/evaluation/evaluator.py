@@ -2,8 +2,9 @@
 
 Drop-in replacement for ``detectron2.evaluation.LVISEvaluator``: same inputs, same metric keys
 (x100), but NaN instead of -100 for empty groups, BAGS bins AP1..AP4 when training instance counts
-are given, per-class json output, and no dependency on lvis-api's ``LVISEval`` (which crashes on
-numpy >= 1.24 and runs out of memory at LVIS scale).
+are given, per-class json output, optionally AP^fixed (tasks ``bbox_fixed`` / ``segm_fixed``), and
+no dependency on lvis-api's ``LVISEval`` (which crashes on numpy >= 1.24 and runs out of memory at
+LVIS scale).
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import create_small_table
 
-from .lvis_style import evaluate_lvis_results
+from .lvis_style import BIN_KEYS, evaluate_lvis_results
 
 __all__ = ["LongTailLVISEvaluator"]
 
 _TASKS = ("bbox", "segm")
+#: Suffix of the AP^fixed tasks (``bbox_fixed``, ``segm_fixed``).
+FIXED_SUFFIX = "_fixed"
 
 
 class LongTailLVISEvaluator(DatasetEvaluator):
@@ -46,6 +49,13 @@ class LongTailLVISEvaluator(DatasetEvaluator):
         train_instance_count: training instances per contiguous class id (index k is class k,
             as in ``ClassStats``); enables the bins AP1..AP4.
         train_image_count: training images per contiguous class id (per-class json only).
+        ap_fixed: also report AP^fixed (Dave et al. 2021: no per-image cap, the top
+            ``ap_fixed_topk`` results per class over the dataset) as tasks ``bbox_fixed`` /
+            ``segm_fixed``, with the same metric keys and ``lvis_per_class_{task}_fixed.json``. It
+            is a lower bound unless inference kept every detection (TEST.DETECTIONS_PER_IMAGE -1).
+        ap_fixed_topk: K of AP^fixed (the paper's 10,000).
+        instance_bins: report the bins AP1..AP4 (needs ``train_instance_count``); False leaves
+            them out of the metrics (the per-class json keeps the counts and bins).
     """
 
     def __init__(
@@ -59,6 +69,9 @@ class LongTailLVISEvaluator(DatasetEvaluator):
         chunk_size: Optional[int] = 50,
         train_instance_count: Optional[Sequence[int]] = None,
         train_image_count: Optional[Sequence[int]] = None,
+        ap_fixed: bool = False,
+        ap_fixed_topk: int = 10000,
+        instance_bins: bool = True,
     ):
         self._logger = logging.getLogger(__name__)
         if tasks is not None:
@@ -71,6 +84,11 @@ class LongTailLVISEvaluator(DatasetEvaluator):
         self._output_dir = output_dir
         self._max_dets_per_image = max_dets_per_image
         self._chunk_size = chunk_size
+        if ap_fixed and int(ap_fixed_topk) < 1:
+            raise ValueError(f"ap_fixed_topk must be >= 1, got {ap_fixed_topk}")
+        self._ap_fixed = bool(ap_fixed)
+        self._ap_fixed_topk = int(ap_fixed_topk)
+        self._instance_bins = bool(instance_bins)
         self._cpu_device = torch.device("cpu")
 
         metadata = MetadataCatalog.get(dataset_name)
@@ -128,7 +146,8 @@ class LongTailLVISEvaluator(DatasetEvaluator):
 
         Returns:
             ``OrderedDict(task -> {metric: value x100})`` on the main process, {} elsewhere or
-            when no prediction was received.
+            when no prediction was received. Tasks are "bbox" / "segm", followed by
+            "bbox_fixed" / "segm_fixed" when AP^fixed is on.
         """
         if self._distributed:
             comm.synchronize()
@@ -166,24 +185,32 @@ class LongTailLVISEvaluator(DatasetEvaluator):
         with open(self._json_file) as f:
             gt = json.load(f)
         all_metrics: Dict[str, Dict[str, float]] = OrderedDict()
-        for task in tasks:
+        # Standard LVIS AP first, then AP^fixed on the same results (which are never modified).
+        runs = [(task, task, {"max_dets_per_image": self._max_dets_per_image}) for task in tasks]
+        if self._ap_fixed:
+            fixed = {"max_dets_per_image": -1, "max_dets_per_class": self._ap_fixed_topk}
+            runs += [(task + FIXED_SUFFIX, task, fixed) for task in tasks]
+        for name, task, caps in runs:
             outcome = evaluate_lvis_results(
                 gt,
                 results,
                 task,
-                max_dets_per_image=self._max_dets_per_image,
                 chunk_size=self._chunk_size,
                 train_instance_count=self._train_instance_count,
                 train_image_count=self._train_image_count,
+                **caps,
             )
-            all_metrics[task] = outcome.metrics
-            self._logger.info(
-                "Evaluation results for %s (LVIS protocol, x100): \n%s",
-                task,
-                create_small_table(outcome.metrics),
-            )
+            metrics = outcome.metrics
+            if not self._instance_bins:
+                metrics = {k: v for k, v in metrics.items() if k not in BIN_KEYS}
+            all_metrics[name] = metrics
+            if name == task:
+                title = f"{task} (LVIS protocol, x100)"
+            else:
+                title = f"{name} (AP^fixed, top {self._ap_fixed_topk} per class, x100)"
+            self._logger.info("Evaluation results for %s: \n%s", title, create_small_table(metrics))
             if self._output_dir:
-                path = os.path.join(self._output_dir, f"lvis_per_class_{task}.json")
+                path = os.path.join(self._output_dir, f"lvis_per_class_{name}.json")
                 with PathManager.open(path, "w") as f:
                     json.dump(outcome.per_class, f, indent=1)
         return all_metrics

@@ -13,6 +13,15 @@ agree exactly ("parity recipe", see ``/work/shared/specs/evaluation.md`` section
 4. drop ground truth with area ``<= 0`` at load;
 5. evaluate with ``maxDets = [max_dets_per_image]``, which then never binds.
 
+**AP^fixed** (Dave et al. 2021, "Evaluating large-vocabulary object detectors: the devil is in the
+details"; spec section 3) is the same recipe with step 2 replaced: no per-image cap, and per class,
+over the whole dataset, the ``max_dets_per_class`` (K = 10,000) highest-scoring results (stable sort,
+ties keep the input order). As in lvis-api's ``lvis_challenge_2021`` branch, a per-image cap, when
+also given, is applied first, and both caps act before the zero-area drop and the federated filter,
+so results those later steps discard still use up slots. ``maxDets`` is then the largest number of
+results of one (image, class) pair, never K itself (faster-coco-eval reserves #images x maxDets
+entries per class). See :func:`evaluate_lvis_fixed`.
+
 To keep memory bounded at LVIS scale, classes are evaluated in chunks; every chunk only sees the
 images where one of its classes is positive (has ground truth) or listed in ``neg_category_ids``:
 other images cannot contribute anything to those classes. Per-class results are independent, so
@@ -42,6 +51,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "LVISResult",
     "evaluate_lvis_results",
+    "evaluate_lvis_fixed",
     "instance_count_bin",
     "METRIC_KEYS",
     "BIN_KEYS",
@@ -113,8 +123,12 @@ def evaluate_lvis_results(
     chunk_size: Optional[int] = 50,
     train_instance_count: Optional[Mapping[int, int]] = None,
     train_image_count: Optional[Mapping[int, int]] = None,
+    max_dets_per_class: Optional[int] = None,
 ) -> LVISResult:
     """Evaluate COCO-style results with the LVIS protocol (parity with lvis-api 0.5.3).
+
+    The defaults give the standard LVIS AP (300 results per image). ``max_dets_per_image=-1`` with
+    ``max_dets_per_class=K`` gives AP^fixed (see :func:`evaluate_lvis_fixed`).
 
     Args:
         gt: path of an LVIS-format json, or the already loaded dict (not modified).
@@ -128,6 +142,10 @@ def evaluate_lvis_results(
         train_instance_count: category id -> number of training instances; enables the bins
             AP1..AP4. Classes missing from the mapping count as 0 (bin 1).
         train_image_count: category id -> number of training images (only reported).
+        max_dets_per_class: if given, per class over all images keep only this many
+            highest-scoring results (after the per-image cap, before the zero-area drop and the
+            federated filter); the number of classes with fewer results is logged. None disables
+            it (standard LVIS AP).
 
     Returns:
         The :class:`LVISResult`.
@@ -139,6 +157,8 @@ def evaluate_lvis_results(
     """
     if iou_type not in ("bbox", "segm"):
         raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
+    if max_dets_per_class is not None and max_dets_per_class < 1:
+        raise ValueError(f"max_dets_per_class must be >= 1 or None, got {max_dets_per_class}")
     start = time.perf_counter()
 
     gt_dict = _load_gt(gt)
@@ -164,6 +184,8 @@ def evaluate_lvis_results(
         )
 
     dets = _cap_per_image(results, max_dets_per_image)
+    if max_dets_per_class is not None:
+        dets = _cap_per_class(dets, max_dets_per_class, cat_ids, iou_type)
     dets = _copy_with_area(dets, iou_type, images)
     # Federated filter, applied early so that each chunk only carries what it can use.
     dets_by_class: Dict[int, List[Dict[str, Any]]] = defaultdict(list)
@@ -214,14 +236,47 @@ def evaluate_lvis_results(
         train_image_count,
     )
     logger.info(
-        "LVIS %s evaluation of %d results on %d images, %d classes: %.2f s",
+        "LVIS %s%s evaluation of %d results on %d images, %d classes: %.2f s",
         iou_type,
+        "" if max_dets_per_class is None else f" AP^fixed (top {max_dets_per_class} per class)",
         len(results),
         len(images),
         len(cat_ids),
         time.perf_counter() - start,
     )
     return LVISResult(iou_type, metrics, per_class, precision, recall, cat_ids)
+
+
+def evaluate_lvis_fixed(
+    gt: Union[str, os.PathLike, Mapping[str, Any]],
+    results: Sequence[Mapping[str, Any]],
+    iou_type: str,
+    topk: int = 10000,
+    **kwargs: Any,
+) -> LVISResult:
+    """AP^fixed (Dave et al. 2021): no per-image cap, the ``topk`` best results of every class.
+
+    Everything else is the standard LVIS protocol (federated filter, not-exhaustive classes,
+    zero-area drop, areas, IoU and recall thresholds, r/c/f groups), so the metric keys are the
+    standard ones. Results produced with a per-image cap at inference (detectron2's
+    ``TEST.DETECTIONS_PER_IMAGE``) give a lower bound; the number of classes with fewer than
+    ``topk`` results is logged.
+
+    Args:
+        gt, results, iou_type: as in :func:`evaluate_lvis_results`.
+        topk: results kept per class over the whole dataset (the paper's K = 10,000).
+        **kwargs: ``chunk_size``, ``train_instance_count``, ``train_image_count`` of
+            :func:`evaluate_lvis_results`.
+
+    Returns:
+        The :class:`LVISResult`.
+    """
+    for key in ("max_dets_per_image", "max_dets_per_class"):
+        if key in kwargs:
+            raise TypeError(f"evaluate_lvis_fixed() sets {key} itself")
+    return evaluate_lvis_results(
+        gt, results, iou_type, max_dets_per_image=-1, max_dets_per_class=topk, **kwargs
+    )
 
 
 def _load_gt(gt: Union[str, os.PathLike, Mapping[str, Any]]) -> Dict[str, Any]:
@@ -305,6 +360,10 @@ def _cap_per_image(results: Sequence[Mapping[str, Any]], max_dets: int) -> List[
     Returns:
         The kept results (the same dict objects, not copies).
     """
+    if max_dets < 0:
+        # No cap, and no regrouping either: the per-class cap of AP^fixed breaks score ties
+        # across images by the input order.
+        return list(results)
     by_image: Dict[int, List[Mapping[str, Any]]] = defaultdict(list)
     for res in results:
         by_image[res["image_id"]].append(res)
@@ -315,6 +374,59 @@ def _cap_per_image(results: Sequence[Mapping[str, Any]], max_dets: int) -> List[
             image_results = sorted(image_results, key=lambda r: r["score"], reverse=True)
             image_results = image_results[:max_dets]
         kept.extend(image_results)
+    return kept
+
+
+def _cap_per_class(
+    results: Sequence[Mapping[str, Any]], max_dets: int, cat_ids: Sequence[int], iou_type: str
+) -> List[Mapping[str, Any]]:
+    """Keep the ``max_dets`` highest-scoring results of every class over the whole dataset.
+
+    A stable sort by descending score, so tied results keep their input order (this also keeps the
+    relative order of the results of every (image, class) pair, which is all that matching and
+    accumulation look at). Logs how many classes have fewer than ``max_dets`` results: with
+    results from capped inference their AP^fixed is a lower bound.
+
+    Args:
+        results: the results (not modified), after the per-image cap if any.
+        max_dets: K, the per-class cap.
+        cat_ids: every category id of the ground truth (for the "fewer than K" count).
+        iou_type: "bbox" or "segm" (for the log message).
+
+    Returns:
+        The kept results (the same dict objects, not copies), grouped by class.
+    """
+    by_class: Dict[int, List[Mapping[str, Any]]] = defaultdict(list)
+    for res in results:
+        by_class[res["category_id"]].append(res)
+    kept: List[Mapping[str, Any]] = []
+    for class_results in by_class.values():
+        if len(class_results) > max_dets:
+            # sorted() is stable, also with reverse=True: ties keep their input order.
+            class_results = sorted(class_results, key=lambda r: r["score"], reverse=True)
+            class_results = class_results[:max_dets]
+        kept.extend(class_results)
+
+    short = [c for c in cat_ids if len(by_class.get(c, ())) < max_dets]
+    if short:
+        empty = sum(1 for c in short if c not in by_class)
+        logger.warning(
+            "AP^fixed (%s): %d of %d classes have fewer than %d results (%d have none). If "
+            "inference capped the detections per image (TEST.DETECTIONS_PER_IMAGE >= 0), their "
+            "AP^fixed is a lower bound: run inference with TEST.DETECTIONS_PER_IMAGE -1.",
+            iou_type,
+            len(short),
+            len(cat_ids),
+            max_dets,
+            empty,
+        )
+    else:
+        logger.info(
+            "AP^fixed (%s): every one of the %d classes has at least %d result(s).",
+            iou_type,
+            len(cat_ids),
+            max_dets,
+        )
     return kept
 
 

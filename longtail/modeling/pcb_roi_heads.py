@@ -19,6 +19,7 @@ from ..functional.pcb import (
     pcb_step_alphas,
 )
 from .distributed import all_reduce_sum
+from .guards import check_finite_statistics, mark_non_finite
 from .predictors import LongTailOutputLayers
 
 logger = logging.getLogger(__name__)
@@ -45,10 +46,24 @@ class ConfusionMatrixEMA(nn.Module):
         self.register_buffer("pcb_seen", torch.zeros(num_classes, dtype=torch.float64))
 
     @torch.no_grad()
-    def update(self, class_probs: torch.Tensor, labels: torch.Tensor) -> None:
+    def update(self, class_probs: torch.Tensor, labels: torch.Tensor, logits=None) -> None:
         """Add one pass: ``class_probs`` (N, C) of the N foreground proposals (any rank may have
-        N = 0), ``labels`` (N,)."""
-        statistics = all_reduce_sum(pcb_batch_statistics(class_probs.float(), labels))
+        N = 0), ``labels`` (N,); ``logits``, optional, the logits the probabilities came from.
+
+        NaN/inf in ``class_probs`` or ``logits`` on any rank (a saturated sigmoid turns an inf
+        logit into a finite 1) raises ``FloatingPointError`` on every rank, after the collective
+        and before M or ``pcb_seen`` change.
+        """
+        probs = class_probs.float()
+        # Non-finite rows become zeros so that every rank reaches the collective; the NaN mark
+        # below still stops the update.
+        finite_probs = torch.where(torch.isfinite(probs), probs, torch.zeros_like(probs))
+        local = pcb_batch_statistics(finite_probs, labels)
+        inputs = (probs,) if logits is None else (probs, logits)
+        statistics = all_reduce_sum(mark_non_finite(local, *inputs))
+        check_finite_statistics(
+            statistics, method="PCB", statistic="confusion statistics (pcb_cm, pcb_seen)"
+        )
         pcb_ema_update(self.pcb_cm, self.pcb_seen, statistics.to(self.pcb_cm.device), self.momentum,
                        renormalize_rows=self.normalized)
 
@@ -182,7 +197,9 @@ class PCBIterativeHead(nn.Module):
         for step, ((scores, deltas), weight) in enumerate(zip(passes, self.step_weights)):
             # One update per pass, as the reference (3 per iteration); read after the update.
             fg_probs = predictor.foreground_class_probs(scores.detach())[foreground]
-            self.confusion.update(fg_probs, gt_classes[foreground])
+            self.confusion.update(
+                fg_probs, gt_classes[foreground], logits=scores.detach()[foreground]
+            )
             alpha = self.alphas[step] if active else 0.0
             soft_targets = None
             if alpha > 0:

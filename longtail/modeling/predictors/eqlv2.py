@@ -9,6 +9,7 @@ from torch import nn
 
 from ...functional.eqlv2 import eqlv2_grad_increments, eqlv2_loss, eqlv2_probs, eqlv2_weights
 from ..distributed import all_reduce_sum
+from ..guards import check_finite_statistics, mark_non_finite
 from .base import LongTailOutputLayers
 from .build import LONGTAIL_PREDICTOR_REGISTRY
 
@@ -29,7 +30,9 @@ class EQLv2OutputLayers(LongTailOutputLayers):
 
     Every training loss call uses weights from the statistics *before* the call, then adds the
     call's increments summed over ranks (spec §2.3 timing). All zeros means "no statistics yet",
-    i.e. unit weights on the first step (spec §3). Evaluation never changes them.
+    i.e. unit weights on the first step (spec §3). Evaluation never changes them. NaN/inf logits
+    or increments on any rank raise ``FloatingPointError`` on every rank before P and Q change
+    (``modeling/guards.py``).
     """
 
     #: PCB (specs/pcb.md §2.1): whether :meth:`foreground_class_probs` rows are distributions,
@@ -107,8 +110,16 @@ class EQLv2OutputLayers(LongTailOutputLayers):
         if self.training:
             with torch.no_grad():
                 increments = eqlv2_grad_increments(scores, target, weights.pos, weights.neg)
+                # NaN/inf logits (a saturated sigmoid maps inf to a finite increment) or
+                # increments on any rank stop the run on every rank before P and Q change.
+                local = mark_non_finite(torch.stack(increments).to(self.eqlv2_pos_grad), scores)
                 # One collective per call on every rank (zeros when it has no RoI), never skipped.
-                total = all_reduce_sum(torch.stack(increments).to(self.eqlv2_pos_grad))
+                total = all_reduce_sum(local)
+                check_finite_statistics(
+                    total, method=type(self).__name__,
+                    statistic="gradient statistics (eqlv2_pos_grad, eqlv2_neg_grad) of the "
+                    "classification loss",
+                )
                 self.eqlv2_pos_grad += total[0]
                 self.eqlv2_neg_grad += total[1]
             # Classes no positive has reached yet get q ~ 5 and r ~ 7e-5 (spec §7: log them).

@@ -24,6 +24,7 @@ from ...functional.lda import (
     unbalanced_risk,
 )
 from ..distributed import all_reduce_sum
+from ..guards import check_finite_statistics, mark_non_finite
 from .base import LongTailOutputLayers
 from .build import LONGTAIL_PREDICTOR_REGISTRY
 
@@ -156,6 +157,8 @@ class LDAOutputLayers(LongTailOutputLayers):
 
         Every rank calls the collective (a rank without positives adds zeros), so every rank
         writes the same values; the window only moves when some rank had a positive RoI.
+        NaN/inf logits on any rank (``argmax`` would count them as a valid guess) raise
+        ``FloatingPointError`` on every rank before the window changes.
         """
         local = torch.stack(
             [
@@ -164,7 +167,12 @@ class LDAOutputLayers(LongTailOutputLayers):
                 labels.new_tensor(labels.numel(), dtype=torch.float64),
             ]
         )
-        correct_u, correct_b, total = all_reduce_sum(local).tolist()
+        summed = all_reduce_sum(mark_non_finite(local, unbalanced, balanced))
+        check_finite_statistics(
+            summed, method=type(self).__name__,
+            statistic="training accuracies of h' and h (lda_acc_unbalanced, lda_acc_balanced)",
+        )
+        correct_u, correct_b, total = summed.tolist()
         if total == 0:
             return
         acc_u, acc_b = 100.0 * correct_u / total, 100.0 * correct_b / total
