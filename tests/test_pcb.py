@@ -244,6 +244,7 @@ def test_hook_logs_diagnostics_and_writes_the_heatmap(tmp_path):
     hook = PCBConfusionHook(heads.pcb, stats, str(tmp_path), period=5, checkpoint_period=100)
     hook.trainer = _Trainer()
     with hook.trainer.storage:
+        hook.before_step()
         hook.after_step()
         logged = hook.trainer.storage.latest()
     assert logged["pcb/seen_fraction"][0] == 1.0
@@ -275,6 +276,9 @@ def test_train_net_short_run_per_base(base, tmp_path, shapes_lt_root):
     state = _pcb_state(os.path.join(out, "model_final.pth"))
     assert state["pcb_seen"].sum() > 0 and torch.isfinite(state["pcb_cm"]).all()
     assert (tmp_path / base / "pcb_confusion_0000002.png").is_file()
+    with open(os.path.join(out, "metrics.json")) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    assert records[-1]["pcb/seen_fraction"] > 0 and "pcb/pairwise_bias" in records[-1]
     if base != "ce":
         return
     # --resume restores the matrix bit-exact before training continues, then the run goes on.

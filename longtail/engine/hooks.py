@@ -84,6 +84,14 @@ class PCBConfusionHook(HookBase):
                 values[f"pcb/diag_{group}"] = float(diagonal[members].mean())
         return values
 
+    def before_step(self):
+        # In before_step, so the values carry this iteration and detectron2's writers, which run
+        # in after_step, include them; put in after_step they would miss the write at this
+        # iteration and be skipped by the next one as already written.
+        iteration = self.trainer.iter
+        if (iteration + 1) % self._period == 0 or iteration + 1 == self.trainer.max_iter:
+            self.trainer.storage.put_scalars(**self._diagnostics(), smoothing_hint=False)
+
     def after_step(self):
         iteration = self.trainer.iter
         if iteration == self._heads.start_iter and self._heads.require_all_seen:
@@ -94,8 +102,6 @@ class PCBConfusionHook(HookBase):
                     "off until they do (MODEL.LONGTAIL.PCB.REQUIRE_ALL_SEEN). On a dataset where a "
                     "class never appears in training, set REQUIRE_ALL_SEEN False.", unseen
                 )
-        if (iteration + 1) % self._period == 0 or iteration + 1 == self.trainer.max_iter:
-            self.trainer.storage.put_scalars(**self._diagnostics(), smoothing_hint=False)
         at_checkpoint = self._checkpoint_period > 0 and (iteration + 1) % self._checkpoint_period == 0
         if comm.is_main_process() and (at_checkpoint or iteration + 1 == self.trainer.max_iter):
             self.write_heatmap(os.path.join(self._output_dir, f"pcb_confusion_{iteration + 1:07d}.png"))
