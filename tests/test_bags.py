@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from detectron2.engine import default_argument_parser, launch
+from detectron2.engine import default_argument_parser
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
 from detectron2.utils.events import EventStorage
@@ -15,6 +15,7 @@ from predictor_helpers import FEATURES, predictor_args, proposals_with_labels
 from longtail.engine.decoupled import StageTwoCheckpointer, train_only
 from longtail.functional.bags import bags_layout, bags_loss, bags_partition, bags_probs
 from longtail.modeling.predictors import BAGSOutputLayers
+from distributed_helpers import launch_two_ranks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = os.path.join(REPO, "configs", "quick_schedules", "ce_instant_test.yaml")
@@ -131,7 +132,7 @@ def _two_rank_worker(out_path):
 
 def test_ranks_draw_their_own_others(tmp_path):
     out = tmp_path / "ranks.json"
-    launch(_two_rank_worker, 2, dist_url="auto", args=(str(out),))
+    launch_two_ranks(_two_rank_worker, str(out))
     rank0, rank1 = json.loads(out.read_text())
     # Identical inputs on both ranks: only the rank-local draw differs.
     assert rank0 != rank1

@@ -3,7 +3,7 @@ every rank."""
 import json
 import os
 
-from detectron2.engine import launch
+from distributed_helpers import launch_two_ranks
 
 QUICK = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -35,7 +35,7 @@ def _worker(out_path):
 
 def test_class_stats_identical_on_every_rank(tmp_path, shapes_lt_root):
     out = tmp_path / "stats.json"
-    launch(_worker, 2, dist_url="auto", args=(str(out),))
+    launch_two_ranks(_worker, str(out))
     ranks = json.loads(out.read_text())
     assert len(ranks) == 2 and ranks[0] == ranks[1]
 

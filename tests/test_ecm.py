@@ -5,13 +5,14 @@ import os
 
 import pytest
 import torch
-from detectron2.engine import default_argument_parser, launch
+from detectron2.engine import default_argument_parser
 from detectron2.utils.events import EventStorage
 
 import train_net
 from predictor_helpers import FEATURES, predictor_args, proposals_with_labels
 from longtail.functional.ecm import ecm_loss, ecm_margins
 from longtail.modeling.predictors import ECMOutputLayers
+from distributed_helpers import launch_two_ranks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = os.path.join(REPO, "configs", "quick_schedules", "ce_instant_test.yaml")
@@ -144,7 +145,7 @@ def _two_rank_worker(out_path):
 
 def test_two_ranks_measure_the_same_ratio(tmp_path):
     out = tmp_path / "ranks.json"
-    launch(_two_rank_worker, 2, dist_url="auto", args=(str(out),))
+    launch_two_ranks(_two_rank_worker, str(out))
     ranks = json.loads(out.read_text())
     assert ranks[0] == ranks[1]
     assert ranks[0]["ecm_bg_ratio"] == pytest.approx(4.0)

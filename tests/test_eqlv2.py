@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from detectron2.engine import default_argument_parser, launch
+from detectron2.engine import default_argument_parser
 from detectron2.utils.events import EventStorage
 
 import train_net
@@ -20,6 +20,7 @@ from longtail.engine import LongTailTrainer
 from longtail.functional.eqlv2 import eqlv2_grad_increments, eqlv2_loss, eqlv2_probs, eqlv2_weights
 from longtail.modeling.predictors import LONGTAIL_PREDICTOR_REGISTRY, EQLv2OutputLayers
 from longtail.modeling.predictors import eqlv2 as eqlv2_module
+from distributed_helpers import launch_two_ranks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = os.path.join(REPO, "configs", "quick_schedules", "ce_instant_test.yaml")
@@ -250,14 +251,11 @@ def _two_rank_worker(out_path):
     if comm.is_main_process():
         with open(out_path, "w") as f:
             json.dump(gathered, f)
-    comm.synchronize()  # no rank leaves while the other is still in a collective
 
 
 def test_two_ranks_hold_identical_statistics_equal_to_the_sum(tmp_path):
     out = tmp_path / "ranks.json"
-    # (No custom process-group timeout: with gloo it made a rank abort at exit under load,
-    # "terminate called without an active exception".)
-    launch(_two_rank_worker, 2, dist_url="auto", args=(str(out),))
+    launch_two_ranks(_two_rank_worker, str(out))
     ranks = json.loads(out.read_text())
     assert ranks[0]["state"] == ranks[1]["state"]
     # The sum of both ranks' increments (each from the same, synchronised pre-step weights).

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from detectron2.engine import default_argument_parser, launch
+from detectron2.engine import default_argument_parser
 from detectron2.utils.events import EventStorage
 
 import train_net
@@ -21,6 +21,7 @@ from longtail.functional.lda import (
     unbalanced_risk,
 )
 from longtail.modeling.predictors import LDAOutputLayers
+from distributed_helpers import launch_two_ranks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = os.path.join(REPO, "configs", "quick_schedules", "ce_instant_test.yaml")
@@ -185,7 +186,7 @@ def _two_rank_worker(out_path):
 
 def test_two_ranks_hold_the_same_window_and_alpha(tmp_path):
     out = tmp_path / "ranks.json"
-    launch(_two_rank_worker, 2, dist_url="auto", args=(str(out),))
+    launch_two_ranks(_two_rank_worker, str(out))
     rank0, rank1 = json.loads(out.read_text())
     assert rank0 == rank1
     assert rank0["lda_step"] == 3

@@ -8,17 +8,17 @@ loss, which the trainer's guard stops. Then two ranks where only one sees the Na
 hangs), and the trainer: a NaN loss term stops LongTailTrainer before the optimizer step and any
 checkpoint."""
 
-import datetime
 import json
 import os
 
 import pytest
 import torch
 from detectron2.config import get_cfg
-from detectron2.engine import HookBase, launch
+from detectron2.engine import HookBase
 from detectron2.layers import ShapeSpec
 from detectron2.utils.events import EventStorage, get_event_storage
 
+from distributed_helpers import launch_two_ranks
 from predictor_helpers import FEATURES, predictor_args, proposals_with_labels
 from longtail import add_longtail_config
 from longtail.engine import LongTailTrainer
@@ -279,14 +279,7 @@ def _two_rank_worker(out_path):
 
 def test_two_ranks_stop_together_when_one_sees_nan(tmp_path):
     out = tmp_path / "ranks.json"
-    # A rank going on alone would wait in the next collective; fail in a minute rather than hang.
-    launch(
-        _two_rank_worker,
-        2,
-        dist_url="auto",
-        args=(str(out),),
-        timeout=datetime.timedelta(seconds=60),
-    )
+    launch_two_ranks(_two_rank_worker, str(out))
     ranks = json.loads(out.read_text())
     for rank in ranks:
         assert rank["statistics"].startswith("M: non-finite s at iteration 4")

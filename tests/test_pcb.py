@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 from detectron2.config import get_cfg
-from detectron2.engine import default_argument_parser, launch
+from detectron2.engine import default_argument_parser
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
@@ -26,6 +26,7 @@ from longtail.functional.pcb import (
 )
 from longtail.modeling import LongTailROIHeads
 from longtail.modeling.pcb_roi_heads import ConfusionMatrixEMA
+from distributed_helpers import launch_two_ranks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = os.path.join(REPO, "configs", "quick_schedules", "ce_instant_test.yaml")
@@ -206,7 +207,7 @@ def _two_rank_worker(out_path):
 
 def test_two_ranks_hold_identical_matrices(tmp_path):
     out = tmp_path / "ranks.json"
-    launch(_two_rank_worker, 2, dist_url="auto", args=(str(out),))
+    launch_two_ranks(_two_rank_worker, str(out))
     rank0, rank1 = json.loads(out.read_text())
     assert rank0 == rank1  # bit-identical
     assert rank0["pcb_seen"] == [9.0, 3.0, 3.0, 6.0]  # 3 passes x the labels of both ranks

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from detectron2.engine import default_argument_parser, launch
+from detectron2.engine import default_argument_parser
 from detectron2.utils.events import EventStorage
 
 import train_net
@@ -20,6 +20,7 @@ from longtail.functional.seesaw import seesaw_class_probs, seesaw_loss, seesaw_p
 from longtail.modeling.classifiers import CosineLinear
 from longtail.modeling.predictors import LONGTAIL_PREDICTOR_REGISTRY, SeesawOutputLayers
 from longtail.modeling.predictors import seesaw as seesaw_module
+from distributed_helpers import launch_two_ranks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = os.path.join(REPO, "configs", "quick_schedules", "ce_instant_test.yaml")
@@ -232,14 +233,11 @@ def _two_rank_worker(out_path):
     if comm.is_main_process():
         with open(out_path, "w") as f:
             json.dump(gathered, f)
-    comm.synchronize()  # no rank leaves while the other is still in a collective
 
 
 def test_two_ranks_sync_counts_or_keep_their_own(tmp_path):
     out = tmp_path / "ranks.json"
-    # (No custom process-group timeout: with gloo it made a rank abort at exit under load,
-    # "terminate called without an active exception".)
-    launch(_two_rank_worker, 2, dist_url="auto", args=(str(out),))
+    launch_two_ranks(_two_rank_worker, str(out))
     ranks = json.loads(out.read_text())
     histogram = [
         F.one_hot(_gt([c for batch in batches for c in batch]), C + 1).sum(dim=0).double().tolist()
