@@ -28,6 +28,7 @@ def add_longtail_config(cfg):
     # Temperature of the cosine mask logits of CosineMaskRCNNConvUpsampleHead (picked with
     # MODEL.ROI_MASK_HEAD.NAME). [C] ECM and IIF: 20.
     _C.MODEL.LONGTAIL.MASK_COSINE_SCALE = 20.0
+    _add_data_config(_C)
     _add_decoupled_config(_C)
     _add_evaluation_config(_C)
     _add_bags_config(_C)
@@ -38,6 +39,22 @@ def add_longtail_config(cfg):
     _add_pcb_config(_C)
     _add_seesaw_config(_C)
     return cfg
+
+
+def _add_data_config(_C):
+    """Checks on the training data (see RELIABILITY.md). A data mistake should cost minutes, not a
+    day: the preflight runs before the model is built, and an image that cannot be read during
+    training is skipped and counted instead of killing a multi-day run."""
+    _C.MODEL.LONGTAIL.DATA = CN()
+    # Preflight of DATASETS.TRAIN at the start of training: "cheap" checks the dataset dicts
+    # (category ids, duplicate annotation ids, degenerate boxes and polygons, image sizes) and that
+    # every image file exists; "full" also decodes every image (slow at LVIS scale, use
+    # `python -m longtail.tools.check_dataset` for it); "off" skips it. Errors stop the run.
+    _C.MODEL.LONGTAIL.DATA.PREFLIGHT = "cheap"
+    # Largest fraction of training images read so far that may be unreadable (skipped, logged as
+    # data/skipped_images) before training stops with the list of files. 0 = any unreadable image
+    # is an error.
+    _C.MODEL.LONGTAIL.DATA.MAX_SKIPPED_FRACTION = 0.01
 
 
 def _add_decoupled_config(_C):

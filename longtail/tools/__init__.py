@@ -1,0 +1,1 @@
+"""Command-line tools: ``python -m longtail.tools.<name> --help``."""
