@@ -4,13 +4,17 @@ import os
 import weakref
 
 import torch
+from detectron2.data import DatasetMapper, build_detection_train_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, create_ddp_model
+from detectron2.engine.hooks import PeriodicWriter
 from detectron2.engine.train_loop import TrainerBase
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
 from ..data import load_class_stats
+from ..data.preflight import preflight_training_datasets
+from ..data.robust_mapper import SkipCountingLoader, SkippedImagesHook, SkipUnreadableMapper
 from ..evaluation import LongTailLVISEvaluator
 from ..modeling.pcb_roi_heads import PCBIterativeHead
 from ..modeling.predictors import ECMOutputLayers
@@ -80,7 +84,10 @@ class LongTailTrainer(DefaultTrainer):
     clipping, method hooks, and DDP that also runs on CPU (gloo) for ``--num-gpus N`` without GPUs.
 
     Repeat-factor sampling is detectron2's own ``RepeatFactorTrainingSampler``
-    (``DATALOADER.SAMPLER_TRAIN``), used as is.
+    (``DATALOADER.SAMPLER_TRAIN``), used as is. The training data is checked before anything is
+    built (``MODEL.LONGTAIL.DATA.PREFLIGHT``), and an unreadable image met during training is
+    skipped and counted (``data/skipped_images``) up to ``MODEL.LONGTAIL.DATA.MAX_SKIPPED_FRACTION``
+    (see longtail/data/robust_mapper.py).
     """
 
     def __init__(self, cfg, *, trust_checkpoint: bool = False):
@@ -98,6 +105,8 @@ class LongTailTrainer(DefaultTrainer):
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        # A data mistake should cost minutes, not the hours until the loader meets it.
+        preflight_training_datasets(cfg)
         # Every rank computes (or receives) the statistics before the model is built, because
         # predictors read them in from_config and the broadcast needs all ranks at once.
         class_stats = load_class_stats(cfg)
@@ -131,6 +140,16 @@ class LongTailTrainer(DefaultTrainer):
         if cfg.MODEL.LONGTAIL.DECOUPLED.TRAIN_ONLY:
             train_only(model, cfg.MODEL.LONGTAIL.DECOUPLED.TRAIN_ONLY)
         return model
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        """detectron2's train loader with its DatasetMapper, skipping and counting unreadable
+        images (:class:`SkipUnreadableMapper`, :class:`SkipCountingLoader`)."""
+        limit = cfg.MODEL.LONGTAIL.DATA.MAX_SKIPPED_FRACTION
+        names = tuple(cfg.DATASETS.TRAIN)
+        mapper = SkipUnreadableMapper(DatasetMapper(cfg, is_train=True), limit, dataset_names=names)
+        loader = build_detection_train_loader(cfg, mapper=mapper)
+        return SkipCountingLoader(loader, limit, dataset_names=names)
 
     @staticmethod
     def build_checkpointer(cfg, model, *, trust_checkpoint: bool = False, **checkpointables):
@@ -166,6 +185,11 @@ class LongTailTrainer(DefaultTrainer):
     def build_hooks(self):
         """detectron2's default hooks, then those of the long-tail method (see method_hooks)."""
         hooks = super().build_hooks()
+        loader = self._trainer.data_loader
+        if isinstance(loader, SkipCountingLoader):
+            # before the writers, so that every metrics.json line has data/skipped_images
+            at = next((i for i, h in enumerate(hooks) if isinstance(h, PeriodicWriter)), len(hooks))
+            hooks.insert(at, SkippedImagesHook(loader))
         return hooks + self.method_hooks()
 
     def method_hooks(self):
