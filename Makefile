@@ -6,8 +6,10 @@ STAMP  := $(VENV)/.installed
 DEMO_CONFIG ?= configs/ShapesLT/ce_mask_rcnn_R_18_FPN_demo.yaml
 # A fresh directory per demo run, so a second run never overwrites the first one's outputs.
 DEMO_OUTPUT ?= output/demo-$(shell date +%Y%m%d-%H%M%S)
+# Likewise a fresh folder per benchmark run (README "Results" lists what each tool writes there).
+BENCH_OUTPUT ?= output/benchmark-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup demo test clean-venv
+.PHONY: setup demo test benchmark clean-venv
 
 setup: $(STAMP)
 
@@ -37,6 +39,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The README's three result tables: every method on shapes-lt (about an hour on 2 cores), the
+# per-method head overhead at LVIS scale, and the evaluator against lvis-api.
+benchmark: $(STAMP)
+	$(PY) -m longtail.tools.benchmark --out $(BENCH_OUTPUT)/accuracy
+	$(PY) -m longtail.tools.bench_heads --out $(BENCH_OUTPUT)/heads
+	$(PY) -m longtail.tools.bench_eval --out $(BENCH_OUTPUT)/eval
 
 clean-venv:
 	rm -rf $(VENV)

@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 logger = logging.getLogger("longtail.benchmark")
 
@@ -297,6 +297,9 @@ def results_markdown(runs: Sequence[Run], spread, schedule_name: str, meta: dict
         f"CE seeds ({seeds}); the Δ columns are against their mean, in parentheses where they are "
         "within the seeds' half range (±, the CE row), i.e. not distinguishable from seed noise.",
     ]
+    unfinished = [r.name for r in runs if r.status in ("pending", "running")]
+    if unfinished:
+        notes.append(f"**Partial: still to run: {', '.join(unfinished)}.**")
     if schedule_name == "quick":
         notes.append(
             "**Quick mode: a pipeline check. The schedule is far too short for these numbers to "
@@ -446,31 +449,41 @@ def _ready(run: Run, runs: Sequence[Run]) -> Optional[bool]:
     return False
 
 
-def _progress(runs: Sequence[Run], schedule: Schedule, began: float) -> str:
-    total = len(runs) * schedule.max_iter
-    done_iters = 0
+def _progress(runs: Sequence[Run], schedule: Schedule, began: float, jobs: int) -> str:
+    now = time.time()
     running = []
     for r in runs:
-        if r.status in ("done", "failed", "skipped"):
-            done_iters += schedule.max_iter
-        elif r.status == "running":
+        if r.status == "running":
             r.iteration = read_last_iteration(r.out_dir)
-            done_iters += r.iteration
-            running.append(f"{r.name} {r.iteration}/{schedule.max_iter}")
-    finished = sum(r.status in ("done", "failed", "skipped") for r in runs)
-    elapsed = time.time() - began
-    eta = elapsed / done_iters * (total - done_iters) if done_iters else float("nan")
-    eta_text = f"{eta / 60:.0f} min" if not math.isnan(eta) else "?"
-    return (f"{finished}/{len(runs)} runs finished; running: {', '.join(running) or '-'}; "
-            f"elapsed {elapsed / 60:.1f} min, ETA {eta_text}")
+            # The JSON writer's last line comes one period before the end: training is done.
+            state = "evaluating" if r.iteration >= schedule.max_iter - 20 else f"{r.iteration}/{schedule.max_iter}"
+            running.append(f"{r.name} {state}")
+    finished = [r for r in runs if r.status in ("done", "failed", "skipped")]
+    timed = [r.seconds for r in runs if r.status == "done" and r.seconds > 0]
+    pending = sum(r.status == "pending" for r in runs)
+    if timed:
+        # Remaining work in run-lengths of the runs finished so far, shared by the jobs.
+        per_run = sum(timed) / len(timed)
+        left = pending * per_run + sum(
+            max(per_run - (now - r.started), 0.0) for r in runs if r.status == "running"
+        )
+        eta_text = f"{left / max(jobs, 1) / 60:.0f} min"
+    else:
+        eta_text = "? (after the first run)"
+    return (f"{len(finished)}/{len(runs)} runs finished; running: {', '.join(running) or '-'}; "
+            f"elapsed {(now - began) / 60:.1f} min, ETA {eta_text}")
 
 
 #: How often the runs are checked on (seconds).
 POLL_SECONDS = 15.0
 
 
-def execute(runs: List[Run], schedule: Schedule, jobs: int, poll_seconds: Optional[float] = None) -> float:
-    """Run every pending run, ``jobs`` at a time; returns the wall time in seconds."""
+def execute(runs: List[Run], schedule: Schedule, jobs: int, poll_seconds: Optional[float] = None,
+            on_finish: Optional[Callable[[float], None]] = None) -> float:
+    """Run every pending run, ``jobs`` at a time; returns the wall time in seconds.
+
+    ``on_finish(elapsed_seconds)`` is called after each run ends, so that the results so far
+    are on disk while the rest still trains."""
     poll_seconds = POLL_SECONDS if poll_seconds is None else poll_seconds
     threads = max(1, (os.cpu_count() or 1) // jobs)
     began = time.time()
@@ -479,6 +492,8 @@ def execute(runs: List[Run], schedule: Schedule, jobs: int, poll_seconds: Option
         for run in runs:
             if run.status == "running" and run.process.poll() is not None:
                 _finish(run, schedule)
+                if on_finish is not None:
+                    on_finish(time.time() - began)
         active = sum(r.status == "running" for r in runs)
         for run in runs:
             if active >= jobs:
@@ -495,7 +510,7 @@ def execute(runs: List[Run], schedule: Schedule, jobs: int, poll_seconds: Option
         if not any(r.status in ("pending", "running") for r in runs):
             return time.time() - began
         if time.time() - last_report >= 60:
-            logger.info("%s", _progress(runs, schedule, began))
+            logger.info("%s", _progress(runs, schedule, began, jobs))
             last_report = time.time()
         time.sleep(poll_seconds)
 
@@ -623,7 +638,10 @@ def main(argv=None) -> int:
     if args.resume:
         _load_finished(runs, schedule)
     logger.info("%d runs (%s schedule) into %s, %d at a time", len(runs), schedule_name, out, args.jobs)
-    wall = execute(runs, schedule, args.jobs)
+    def write_so_far(elapsed):
+        write_outputs(runs, out, schedule_name, schedule, elapsed, args.jobs, argv)
+
+    wall = execute(runs, schedule, args.jobs, on_finish=write_so_far)
     paths = write_outputs(runs, out, schedule_name, schedule, wall, args.jobs, argv)
     with open(paths["md"]) as f:
         sys.stdout.write(f.read())
