@@ -376,12 +376,12 @@ def bags_loss(
     weights = bags_sample_weights(labels, layout, others_ratio, generator).to(z.dtype)
     targets = layout.label_targets.to(z.device)[:, labels]  # (N+1, R)
 
-    # A fused log-softmax + NLL per slice; an exp followed by a log would overflow.
+    # A fused log-softmax + NLL per slice; an exp followed by a log would overflow. One split
+    # rather than N+1 slicings (the slices tile [0, K) in order): the backward of a slice fills a
+    # whole (R, K) zero gradient per group and adds them up, the split's concatenates once.
+    chunks = z.split([length for _, length in layout.slices], dim=1)
     ce = torch.stack(
-        [
-            F.cross_entropy(z[:, start : start + length], targets[n], reduction="none")
-            for n, (start, length) in enumerate(layout.slices)
-        ]
+        [F.cross_entropy(chunk, targets[n], reduction="none") for n, chunk in enumerate(chunks)]
     )  # (N+1, R); for R = 0 an empty tensor that is still connected to z
     return (weights * ce).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
@@ -415,5 +415,6 @@ def bags_probs(logits: torch.Tensor, layout: BAGSLayout) -> torch.Tensor:
         dim=1,
     )  # (R, K): each slice normalised on its own
     log_q_bg, log_q_fg = log_p[:, 0:1], log_p[:, 1:2]
-    scores = (log_q_fg + log_p[:, layout.class_column.to(z.device)]).exp()
+    # index_select: the same gather as log_p[:, class_column], about twice as fast on CPU.
+    scores = (log_q_fg + log_p.index_select(1, layout.class_column.to(z.device))).exp()
     return torch.cat([scores, log_q_bg.exp()], dim=1)
