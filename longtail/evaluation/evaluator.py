@@ -45,7 +45,7 @@ class LongTailLVISEvaluator(DatasetEvaluator):
         output_dir: where to write ``instances_predictions.pth``, ``lvis_results.json`` and
             ``lvis_per_class_{task}.json``; None writes nothing.
         max_dets_per_image: per-image cap across classes (LVIS: 300).
-        chunk_size: classes per faster-coco-eval instance (memory knob, same numbers).
+        chunk_size: classes evaluated together (a memory knob; the numbers do not depend on it).
         train_instance_count: training instances per contiguous class id (index k is class k,
             as in ``ClassStats``); enables the bins AP1..AP4.
         train_image_count: training images per contiguous class id (per-class json only).
