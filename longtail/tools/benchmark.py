@@ -269,7 +269,8 @@ def results_markdown(runs: Sequence[Run], spread, schedule_name: str, meta: dict
         if key == "ce" and len(group) > 1:
             label += f" (mean of {len(done)} seeds)"
         if not done:
-            lines.append(f"| {label} | {group[0].status}: {group[0].error} |" + " |" * 11)
+            state = group[0].status + (f": {group[0].error}" if group[0].error else "")
+            lines.append(f"| {label} | {state} |" + " |" * 11)
             continue
         if key == "ce":
             metrics = {k: v["mean"] for k, v in spread.items()}
@@ -527,11 +528,17 @@ def _load_finished(runs: Sequence[Run], schedule: Schedule) -> None:
 
 
 def _recorded_seconds(out_dir: str) -> float:
-    path = os.path.join(out_dir, "benchmark_seconds.txt")
+    """The run's wall time as recorded by the benchmark, else from its files' times: the command
+    is written first, metrics.json last (after the evaluation)."""
     try:
-        with open(path) as f:
+        with open(os.path.join(out_dir, "benchmark_seconds.txt")) as f:
             return float(f.read().strip())
     except (OSError, ValueError):
+        pass
+    try:
+        return (os.path.getmtime(os.path.join(out_dir, "metrics.json"))
+                - os.path.getmtime(os.path.join(out_dir, "command.txt")))
+    except OSError:
         return 0.0
 
 
