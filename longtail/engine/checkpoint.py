@@ -35,7 +35,7 @@ TRUST_FLAG = "--trust-checkpoint"
 
 # The globals a model-zoo .pkl may name: numpy arrays (and the dtypes and scalars they are built
 # from), OrderedDict, and the bytes encoding pickles written by Python 3 use for raw array data.
-_PKL_ALLOWED_GLOBALS = {
+ARRAY_PICKLE_GLOBALS = {
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
     ("numpy.core.multiarray", "_reconstruct"),
@@ -59,7 +59,7 @@ class IncompleteCheckpointError(RuntimeError):
 
 class _ArraysOnlyUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
-        if (module, name) in _PKL_ALLOWED_GLOBALS:
+        if (module, name) in ARRAY_PICKLE_GLOBALS:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"the file names the global {module}.{name}")
 

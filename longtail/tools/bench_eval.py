@@ -767,15 +767,10 @@ def markdown_report(
 
 def machine_description() -> str:
     """CPU model and core count (from /proc/cpuinfo where available), and the load average."""
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    # Imported here: the workers run this file as a script, without the package.
+    from longtail.tools.machine import cpu_model
+
+    model = cpu_model()
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:

@@ -55,6 +55,7 @@ from ..data.class_stats import ClassStats
 from ..functional.pcb import pcb_mixed_targets
 from ..modeling.predictors import build_longtail_predictor
 from ..modeling.roi_heads import LongTailROIHeads
+from .machine import cpu_model
 
 logger = logging.getLogger(__name__)
 
@@ -457,16 +458,8 @@ def time_training_step(stats_path: str, stats: ClassStats, settings: BenchSettin
 
 
 def machine_info(threads: int) -> dict:
-    model = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        if names:
-            model = names[0]
-    except OSError:
-        pass
     return {
-        "cpu_model": model,
+        "cpu_model": cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": threads,
         "torch": torch.__version__,

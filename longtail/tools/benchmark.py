@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -32,6 +31,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
+
+from .machine import cpu_model
 
 logger = logging.getLogger("longtail.benchmark")
 
@@ -390,15 +391,7 @@ def plot_ap_vs_instances(runs: Sequence[Run], path: str, task: str = "bbox") -> 
 
 
 def _machine() -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        if names:
-            model = names[0]
-    except OSError:
-        pass
-    return f"{os.cpu_count()} cores, {model}, torch CPU"
+    return f"{os.cpu_count()} cores, {cpu_model()}, torch CPU"
 
 
 def _start(run: Run, runs: Sequence[Run], schedule: Schedule, threads: int) -> None:

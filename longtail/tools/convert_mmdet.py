@@ -78,6 +78,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..engine.checkpoint import ARRAY_PICKLE_GLOBALS
+
 __all__ = [
     "ConversionError",
     "ConversionResult",
@@ -232,26 +234,16 @@ def _opaque_class(module: str, name: str):
 
 # The callables a restricted load may run: torch's own tensor rebuilders (what weights_only
 # allows), numpy's array rebuilders and plain containers. Everything else becomes an _Opaque.
-_SAFE_GLOBALS = {
+_SAFE_GLOBALS = ARRAY_PICKLE_GLOBALS | {
     ("torch._utils", "_rebuild_tensor"),
     ("torch._utils", "_rebuild_tensor_v2"),
     ("torch._utils", "_rebuild_parameter"),
     ("torch._utils", "_rebuild_parameter_with_state"),
     ("torch", "Size"),
     ("torch", "device"),
-    ("collections", "OrderedDict"),
     ("builtins", "set"),
     ("builtins", "frozenset"),
     ("builtins", "bytearray"),
-    ("_codecs", "encode"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "scalar"),
-    ("numpy.core.numeric", "_frombuffer"),
-    ("numpy._core.numeric", "_frombuffer"),
 }
 
 
