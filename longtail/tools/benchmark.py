@@ -290,8 +290,11 @@ def results_markdown(runs: Sequence[Run], spread, schedule_name: str, meta: dict
         minutes = sum(r.seconds for r in done) / len(done) / 60
         lines.append(f"| {label} | " + " | ".join(cells + deltas) + f" | {minutes:.1f} |")
     ce_runs = [r for r in runs if r.method.key == "ce" and r.status == "done"]
-    seeds = ", ".join(f"seed {r.seed}: bbox AP {_fmt(r.metrics.get('bbox/AP'))} / APr "
-                      f"{_fmt(r.metrics.get('bbox/APr'))}" for r in ce_runs)
+    seeds = "; ".join(
+        f"seed {r.seed}: bbox AP/APr/APc/APf "
+        + "/".join(_fmt(r.metrics.get(f"bbox/{k}")) for k in TABLE_KEYS)
+        for r in ce_runs
+    )
     notes = [
         "",
         f"Schedule `{schedule_name}`: {meta['schedule']}. Machine: {meta['machine']}. "
