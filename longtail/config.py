@@ -184,6 +184,12 @@ def _add_lda_config(_C):
     # "self_norm" (weighted mean, sum w CE / sum w). The scale differs by orders of magnitude at
     # LVIS scale; see README.md (LDA) for the one the configs use.
     _C.MODEL.LONGTAIL.LDA.BALANCED_NORM = "code"
+    # Reduction of the unbalanced risk eps_u over the positive RoIs: "positives" (the mean over
+    # the positives, the paper's eps_u) or "sampled" (their summed CE over all R sampled RoIs, as
+    # detectron2's CE). [D] "positives" is the paper; "sampled" keeps each positive RoI's gradient
+    # into the shared box head at plain CE's size instead of R / N_pos times it (4x on LVIS,
+    # 10-15x on shapes-lt, where it collapses the box features; README.md, LDA).
+    _C.MODEL.LONGTAIL.LDA.UNBALANCED_NORM = "positives"
     # Weights of the inter-class pairs: "none" (plain mean, the code default), "code" (normalised
     # (w_i + w_j)) or "paper" (unnormalised (w_i + w_j), eq. 8).
     _C.MODEL.LONGTAIL.LDA.INTER_WEIGHTING = "none"

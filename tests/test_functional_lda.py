@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from longtail.functional.lda import (
     BALANCED_NORMS,
     INTER_WEIGHTINGS,
+    UNBALANCED_NORMS,
     accuracy_gap,
     adaptive_alpha,
     auto_ring_length,
@@ -83,6 +84,7 @@ def _reference_divergence(features, labels, margin=1.0, weights=None):
 def test_names():
     assert BALANCED_NORMS == ("code", "mean", "self_norm")
     assert INTER_WEIGHTINGS == ("none", "code", "paper")
+    assert UNBALANCED_NORMS == ("positives", "sampled")
 
 
 # ---------------------------------------------------------------- spec §7 Ex. A
@@ -160,6 +162,36 @@ def test_example_a_risks_match_python_reference():
         sum(a * b for a, b in zip(w, ce_b)) / sum(w),
         atol=1e-12,
     )
+
+
+def test_example_a_unbalanced_risk_over_sampled_rois():
+    # Ex. A's 4 positives among R = 10 sampled RoIs: the summed CE over R, the detection
+    # convention, is N / R of the paper's mean (0.684127 from the spec) ...
+    hp, _, y = _ex_a()
+    _close(unbalanced_risk(hp, y, num_sampled=10), 0.684127 * 4 / 10, atol=1e-6)
+    ref = sum(_ce(r, t) for r, t in zip(EX_A_H_PRIME, EX_A_LABELS)) / 10
+    _close(unbalanced_risk(hp, y, num_sampled=10), ref, atol=1e-12)
+    # ... R = N is the paper's form, and each positive's gradient is N / R of the paper's.
+    _close(unbalanced_risk(hp, y, num_sampled=4), unbalanced_risk(hp, y), atol=1e-15)
+    a = hp.clone().requires_grad_(True)
+    b = hp.clone().requires_grad_(True)
+    unbalanced_risk(a, y).backward()
+    unbalanced_risk(b, y, num_sampled=10).backward()
+    _close(b.grad, a.grad * 4 / 10, atol=1e-15)
+
+
+def test_unbalanced_risk_over_sampled_rois_without_positives():
+    logits = torch.zeros(0, 3, requires_grad=True)
+    loss = unbalanced_risk(logits, torch.zeros(0, dtype=torch.long), num_sampled=512)
+    loss.backward()
+    assert loss.item() == 0.0 and logits.grad.shape == (0, 3)
+
+
+@pytest.mark.parametrize("num_sampled", [3, 0, -1, 2.5, True, "10"])
+def test_unbalanced_risk_rejects_fewer_sampled_rois_than_positives(num_sampled):
+    hp, _, y = _ex_a()
+    with pytest.raises(ValueError, match="num_sampled"):
+        unbalanced_risk(hp, y, num_sampled=num_sampled)
 
 
 def test_example_a_accuracies_and_alpha_with_l_1():

@@ -77,6 +77,27 @@ def test_layout_and_loss_terms_are_the_functional_ones():
     assert int(predictor.lda_step) == 1
 
 
+def test_unbalanced_risk_can_average_over_all_sampled_rois():
+    labels = [[0, 0, 1, BG, BG], [2, 3, BG]]  # 5 positives among 8 sampled RoIs
+    paper = _predictor()
+    detection = _predictor(unbalanced_norm="sampled")
+    (p_losses, _, _), (d_losses, (scores, _), _) = _losses(paper, labels), _losses(detection, labels)
+    gt = torch.tensor([y for image in labels for y in image])
+    hu = scores[:, 2:2 + C]
+    expected = torch.nn.functional.cross_entropy(hu[gt < C], gt[gt < C], reduction="sum") / 8
+    assert d_losses["loss_lda_unbalanced"].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert d_losses["loss_lda_unbalanced"].item() == pytest.approx(
+        p_losses["loss_lda_unbalanced"].item() * 5 / 8, rel=1e-6
+    )
+    for key in ("loss_cls", "loss_lda_balanced", "loss_lda_divergence"):
+        assert d_losses[key].item() == pytest.approx(p_losses[key].item(), rel=1e-6), key
+
+
+def test_unknown_unbalanced_norm_is_refused_by_name():
+    with pytest.raises(ValueError, match="UNBALANCED_NORM.*'positives', 'sampled'"):
+        _predictor(unbalanced_norm="all")
+
+
 def _row_grads(predictor, loss):
     predictor.zero_grad()
     loss.backward(retain_graph=True)

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "BALANCED_NORMS",
+    "UNBALANCED_NORMS",
     "INTER_WEIGHTINGS",
     "lda_class_weights",
     "unbalanced_risk",
@@ -63,6 +64,13 @@ __all__ = [
 #: - ``self_norm``: ``sum_i w_{y_i} l_i / sum_i w_{y_i}``, a weighted mean over the batch that does
 #:   not depend on N or N_tot.
 BALANCED_NORMS = ("code", "mean", "self_norm")
+
+#: Reductions of the unbalanced risk eps_u over the positive RoIs (detection only, project choice):
+#:
+#: - ``positives``: the mean CE over the N positives, the paper's eps_u (spec §2.1, §2.6).
+#: - ``sampled``: the summed CE over the positives divided by the R sampled RoIs, as detectron2's
+#:   CE does; per positive RoI the gradient is N / R of ``positives``'s.
+UNBALANCED_NORMS = ("positives", "sampled")
 
 #: Weightings of the inter-class hinge terms H_ij over ordered pairs i != j of classes present in
 #: the batch (spec §2.4), with the class weights w of :func:`lda_class_weights`:
@@ -186,7 +194,9 @@ def lda_class_weights(class_counts: Union[torch.Tensor, Sequence[float]]) -> tor
     return 1.0 / (counts.numel() * counts)
 
 
-def unbalanced_risk(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def unbalanced_risk(
+    logits: torch.Tensor, labels: torch.Tensor, num_sampled: Optional[int] = None
+) -> torch.Tensor:
     """Unbalanced empirical risk eps_u: plain mean softmax cross-entropy (spec §2.1).
 
     Applied to the logits of h' on the N positive samples; h' is what lets h specialise on the
@@ -195,19 +205,34 @@ def unbalanced_risk(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     Args:
         logits: (N, C) logits of h' (any float dtype; fp16/bf16 are computed in float32).
         labels: (N,) integer labels in [0, C).
+        num_sampled: None for the paper's mean over the N samples. An integer R >= N divides the
+            summed CE by R instead: the detection convention (detectron2's CE averages over all
+            R sampled RoIs, positives and negatives), under which each positive RoI pushes the
+            shared box head as hard as under plain CE, not R / N times harder.
 
     Returns:
         Scalar in float32 (float64 for float64 logits). For N = 0 a zero still connected to
         ``logits``, so backward gives zero gradients instead of NaN.
 
     Raises:
-        ValueError: on a shape or dtype mismatch or labels outside [0, C).
+        ValueError: on a shape or dtype mismatch, labels outside [0, C) or ``num_sampled < N``.
     """
     _check_logits_labels(logits, labels, "unbalanced_risk")
+    if num_sampled is not None and (
+        isinstance(num_sampled, bool)
+        or not isinstance(num_sampled, int)
+        or num_sampled < logits.shape[0]
+    ):
+        raise ValueError(
+            f"LDA unbalanced_risk: num_sampled must be an integer >= N = {logits.shape[0]} (the "
+            f"sampled RoIs include the positives), got {num_sampled!r}"
+        )
     z = logits.to(_compute_dtype(logits))
     if z.shape[0] == 0:
         return z.sum() * 0.0  # F.cross_entropy's mean over zero rows is 0/0 = NaN.
-    return F.cross_entropy(z, labels.long(), reduction="mean")
+    if num_sampled is None:
+        return F.cross_entropy(z, labels.long(), reduction="mean")
+    return F.cross_entropy(z, labels.long(), reduction="sum") / num_sampled
 
 
 def balanced_risk(

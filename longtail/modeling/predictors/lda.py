@@ -12,6 +12,7 @@ from ...data import load_class_stats
 from ...functional.lda import (
     BALANCED_NORMS,
     INTER_WEIGHTINGS,
+    UNBALANCED_NORMS,
     accuracy_gap,
     adaptive_alpha,
     balanced_risk,
@@ -69,6 +70,7 @@ class LDAOutputLayers(LongTailOutputLayers):
         window: int = 100,
         fixed_alpha: float = -1.0,
         balanced_norm: str = "code",
+        unbalanced_norm: str = "positives",
         inter_weighting: str = "none",
         **kwargs,
     ):
@@ -81,6 +83,7 @@ class LDAOutputLayers(LongTailOutputLayers):
             window: L, iterations in the accuracy window of alpha.
             fixed_alpha: > 0 replaces the adaptive alpha by this constant.
             balanced_norm: one of ``BALANCED_NORMS``.
+            unbalanced_norm: one of ``UNBALANCED_NORMS``.
             inter_weighting: one of ``INTER_WEIGHTINGS``.
             kwargs: :class:`LongTailOutputLayers` arguments.
         """
@@ -90,6 +93,11 @@ class LDAOutputLayers(LongTailOutputLayers):
             raise ValueError(f"LDA: {len(class_counts)} class counts for {num_classes} classes")
         if balanced_norm not in BALANCED_NORMS:
             raise ValueError(f"MODEL.LONGTAIL.LDA.BALANCED_NORM must be one of {list(BALANCED_NORMS)}")
+        if unbalanced_norm not in UNBALANCED_NORMS:
+            raise ValueError(
+                f"MODEL.LONGTAIL.LDA.UNBALANCED_NORM must be one of {list(UNBALANCED_NORMS)}, "
+                f"got {unbalanced_norm!r}"
+            )
         if inter_weighting not in INTER_WEIGHTINGS:
             raise ValueError(f"MODEL.LONGTAIL.LDA.INTER_WEIGHTING must be one of {list(INTER_WEIGHTINGS)}")
         if window < 1:
@@ -98,6 +106,7 @@ class LDAOutputLayers(LongTailOutputLayers):
         self.unbalanced_weight, self.balanced_weight = float(unbalanced_weight), float(balanced_weight)
         self.fixed_alpha = float(fixed_alpha)
         self.balanced_norm, self.inter_weighting = balanced_norm, inter_weighting
+        self.unbalanced_norm = unbalanced_norm
 
         self.projection = nn.Linear(self.cls_score.in_features, projection_dim)
         nn.init.normal_(self.projection.weight, std=0.01)
@@ -109,8 +118,9 @@ class LDAOutputLayers(LongTailOutputLayers):
         self.register_buffer("lda_acc_balanced", torch.zeros(window, dtype=torch.float64))
         self.register_buffer("lda_step", torch.tensor(0, dtype=torch.int64))
         logger.info(
-            "LDA: balanced risk %r, lambda_b %g, gamma %g, beta %g, window %d, %s alpha",
-            balanced_norm, balanced_weight, gamma, beta, window,
+            "LDA: balanced risk %r, unbalanced risk over %r, lambda_u %g, lambda_b %g, gamma %g, "
+            "beta %g, window %d, %s alpha",
+            balanced_norm, unbalanced_norm, unbalanced_weight, balanced_weight, gamma, beta, window,
             f"fixed {fixed_alpha:g}" if fixed_alpha > 0 else "adaptive",
         )
 
@@ -129,6 +139,7 @@ class LDAOutputLayers(LongTailOutputLayers):
             window=lda.WINDOW,
             fixed_alpha=lda.FIXED_ALPHA,
             balanced_norm=lda.BALANCED_NORM,
+            unbalanced_norm=lda.UNBALANCED_NORM,
             inter_weighting=lda.INTER_WEIGHTING,
         )
         return ret
@@ -201,7 +212,10 @@ class LDAOutputLayers(LongTailOutputLayers):
         if self.training:
             self._update_alpha_window(unbalanced.detach(), balanced.detach(), labels)
         alpha = self.alpha().to(scores.device)
-        eps_u = unbalanced_risk(unbalanced, labels)
+        eps_u = unbalanced_risk(
+            unbalanced, labels,
+            num_sampled=gt_classes.numel() if self.unbalanced_norm == "sampled" else None,
+        )
         eps_b = balanced_risk(balanced, labels, self.lda_class_counts, self.balanced_norm)
         divergence = intra_class_compactness(features, labels) + inter_class_separation(
             features, labels, self.margin, self.inter_weighting, self.lda_class_weights
