@@ -50,14 +50,20 @@ def _losses(predictor, labels, features=None, seed=1):
 
 def test_layout_and_loss_terms_are_the_functional_ones():
     predictor = _predictor(gamma=1.5, beta=0.1, balanced_weight=2.0)
-    assert predictor.cls_score.out_features == 2 + 2 * C
+    assert predictor.fgbg_score.out_features == 2
+    assert predictor.cls_score.out_features == 2 * C
     assert predictor.projection.out_features == PROJ
     labels = [[0, 0, 1, BG, BG], [2, 3, BG]]
-    losses, (scores, _), storage = _losses(predictor, labels)
-    assert scores.shape == (8, 2 + 2 * C + PROJ)
+    features = torch.randn(8, FEATURES, generator=torch.Generator().manual_seed(1))
+    losses, (scores, _), storage = _losses(predictor, labels, features)
+    # In training the heads of the positives are applied in the loss: the forward gives [g | z].
+    assert scores.shape == (8, 2 + FEATURES)
+    assert torch.equal(scores[:, 2:], features)
     gt = torch.tensor([y for image in labels for y in image])
     pos = gt < C
-    g, hu, hb, f = scores[:, :2], scores[:, 2:2 + C], scores[:, 2 + C:2 + 2 * C], scores[:, 2 + 2 * C:]
+    with torch.no_grad():
+        g, (hu, hb), f = (predictor.fgbg_score(features), predictor.cls_score(features).split(C, 1),
+                          predictor.projection(features))
     # The window already holds this iteration's accuracies: alpha is computed after the write.
     alpha = adaptive_alpha(predictor.lda_acc_unbalanced, predictor.lda_acc_balanced, 1.5).item()
     expected = {
@@ -83,7 +89,7 @@ def test_unbalanced_risk_can_average_over_all_sampled_rois():
     detection = _predictor(unbalanced_norm="sampled")
     (p_losses, _, _), (d_losses, (scores, _), _) = _losses(paper, labels), _losses(detection, labels)
     gt = torch.tensor([y for image in labels for y in image])
-    hu = scores[:, 2:2 + C]
+    hu = detection.cls_score(scores[:, 2:])[:, :C]
     expected = torch.nn.functional.cross_entropy(hu[gt < C], gt[gt < C], reduction="sum") / 8
     assert d_losses["loss_lda_unbalanced"].item() == pytest.approx(expected.item(), rel=1e-6)
     assert d_losses["loss_lda_unbalanced"].item() == pytest.approx(
@@ -102,8 +108,10 @@ def _row_grads(predictor, loss):
     predictor.zero_grad()
     loss.backward(retain_graph=True)
     w = predictor.cls_score.weight.grad
-    rows = {"g": w[:2], "h_unbalanced": w[2:2 + C], "h_balanced": w[2 + C:]}
-    touched = {name for name, grad in rows.items() if grad.abs().sum() > 0}
+    if w is None:
+        w = torch.zeros(2 * C)
+    rows = {"g": predictor.fgbg_score.weight.grad, "h_unbalanced": w[:C], "h_balanced": w[C:]}
+    touched = {name for name, grad in rows.items() if grad is not None and grad.abs().sum() > 0}
     if predictor.projection.weight.grad is not None and predictor.projection.weight.grad.abs().sum() > 0:
         touched.add("p")
     return touched
@@ -145,7 +153,7 @@ def test_window_moves_only_in_training_and_with_positives():
     _losses(predictor, [[BG, BG]])  # no positive anywhere: nothing to measure
     assert int(predictor.lda_step) == 0
     predictor.eval()
-    with EventStorage():
+    with EventStorage(), pytest.raises(RuntimeError, match="training-mode forward"):
         predictor.losses(predictor(torch.randn(2, FEATURES)), proposals_with_labels([[0, 1]]))
     assert int(predictor.lda_step) == 0
     predictor.train()
@@ -158,7 +166,7 @@ def test_fixed_alpha_replaces_the_adaptive_one():
     predictor = _predictor(fixed_alpha=7.0)
     losses, (scores, _), _ = _losses(predictor, [[0, 1, 2]])
     gt = torch.tensor([0, 1, 2])
-    expected = 2.0 * 7.0 * balanced_risk(scores[:, 2 + C:2 + 2 * C], gt, COUNTS)
+    expected = 2.0 * 7.0 * balanced_risk(predictor.cls_score(scores[:, 2:])[:, C:], gt, COUNTS)
     assert losses["loss_lda_balanced"].item() == pytest.approx(expected.item(), rel=1e-6)
 
 
@@ -170,7 +178,7 @@ def test_degenerate_batches_are_finite_and_backprop(labels):
     total = sum(losses.values())
     assert torch.isfinite(total)
     total.backward()
-    for p in (predictor.cls_score.weight, predictor.projection.weight):
+    for p in (predictor.fgbg_score.weight, predictor.cls_score.weight, predictor.projection.weight):
         assert p.grad is not None and torch.isfinite(p.grad).all()
 
 

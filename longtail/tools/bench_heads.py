@@ -260,7 +260,9 @@ def make_fpn_features(
 
 
 def _clear_grads(module: torch.nn.Module, *tensors: torch.Tensor) -> None:
-    # Fresh .grad tensors every call, so every case pays the same allocation, never accumulation.
+    # Training mode (the probs case leaves its predictor in eval mode), and fresh .grad tensors
+    # every call, so every case pays the same allocation, never accumulation.
+    module.train()
     module.zero_grad(set_to_none=True)
     for t in tensors:
         t.grad = None
@@ -306,6 +308,8 @@ def _loss_case(name, predictor, features, proposals) -> Case:
 
 
 def _probs_case(name, predictor, features, proposals) -> Case:
+    # In eval mode, as at inference: a predictor's eval forward may lay out its scores
+    # differently from its training forward (LDA applies h only to positives in training).
     predictor.eval()
     with torch.no_grad():
         predictions = predictor(features)
@@ -315,7 +319,7 @@ def _probs_case(name, predictor, features, proposals) -> Case:
         with torch.no_grad():
             predictor.predict_probs(predictions, proposals)
 
-    return Case(name, run)
+    return Case(name, run, prepare=predictor.eval)
 
 
 def _branch_case(name, heads, fpn, proposals) -> Case:

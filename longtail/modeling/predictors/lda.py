@@ -38,13 +38,19 @@ __all__ = ["LDAOutputLayers"]
 class LDAOutputLayers(LongTailOutputLayers):
     """The (C+1)-way classifier split into heads on the box feature z:
 
-    * g (fg/bg, trained on every sampled RoI) and, on positive RoIs only, h' (plain CE, the
-      "unbalanced" risk), h (inverse-frequency weighted CE scaled by the adaptive alpha, the
-      "balanced" risk): one ``cls_score`` layer with 2 + 2C outputs ``[g | h' | h]``;
+    * g: ``fgbg_score``, foreground vs background (2 outputs, foreground first), trained on every
+      sampled RoI;
+    * h' and h: ``cls_score`` with 2C outputs ``[h' | h]``, the "unbalanced" (plain CE) and the
+      "balanced" (inverse-frequency weighted CE scaled by the adaptive alpha) heads, trained on
+      the positive RoIs only;
     * p: ``projection``, a linear map to d dimensions for the intra-class compactness and
-      inter-class separation terms (training only).
+      inter-class separation terms (training only, positive RoIs only).
 
-    Test score: P(fg) x softmax(h), background P(bg) last; h' and p are not used.
+    Since h', h and p only ever see positive RoIs in training, the training forward does not
+    apply them: it returns ``[g | z]`` and the loss applies them to the positive rows of z
+    (a quarter of the RoIs at LVIS scale, so LDA's heads cost less than CE's one (C+1)-way
+    layer). The eval forward returns ``[g | h' | h]``. Test score: P(fg) x softmax(h),
+    background P(bg) last.
 
     Buffers (saved in every checkpoint, identical on every rank):
 
@@ -88,7 +94,7 @@ class LDAOutputLayers(LongTailOutputLayers):
             kwargs: :class:`LongTailOutputLayers` arguments.
         """
         num_classes = kwargs["num_classes"]
-        super().__init__(input_shape, num_logits=2 + 2 * num_classes, **kwargs)
+        super().__init__(input_shape, num_logits=2 * num_classes, **kwargs)
         if len(class_counts) != num_classes:
             raise ValueError(f"LDA: {len(class_counts)} class counts for {num_classes} classes")
         if balanced_norm not in BALANCED_NORMS:
@@ -108,9 +114,13 @@ class LDAOutputLayers(LongTailOutputLayers):
         self.balanced_norm, self.inter_weighting = balanced_norm, inter_weighting
         self.unbalanced_norm = unbalanced_norm
 
-        self.projection = nn.Linear(self.cls_score.in_features, projection_dim)
-        nn.init.normal_(self.projection.weight, std=0.01)
-        nn.init.constant_(self.projection.bias, 0.0)
+        feature_dim = self.cls_score.in_features
+        # Initialised as upstream initialises its classifier.
+        self.fgbg_score = nn.Linear(feature_dim, 2)
+        self.projection = nn.Linear(feature_dim, projection_dim)
+        for layer in (self.fgbg_score, self.projection):
+            nn.init.normal_(layer.weight, std=0.01)
+            nn.init.constant_(layer.bias, 0.0)
         counts = torch.tensor(class_counts, dtype=torch.float64)
         self.register_buffer("lda_class_counts", counts)
         self.register_buffer("lda_class_weights", lda_class_weights(counts).float(), persistent=False)
@@ -150,19 +160,24 @@ class LDAOutputLayers(LongTailOutputLayers):
         self.lda_class_weights.copy_(lda_class_weights(self.lda_class_counts).float())
 
     def forward(self, x):
-        scores, proposal_deltas = super().forward(x)
-        if self.training:
-            # The projected features ride along with the logits to the loss: p is a training head.
-            features = self.projection(torch.flatten(x, start_dim=1))
-            scores = torch.cat([scores, features], dim=1)
-        return scores, proposal_deltas
+        """Training: ``([g | z], deltas)``; eval: ``([g | h' | h], deltas)`` (see the class)."""
+        z = torch.flatten(x, start_dim=1)
+        fgbg = self.fgbg_score(z)
+        head = z if self.training else self.cls_score(z)
+        return torch.cat([fgbg, head], dim=1), self.bbox_pred(z)
 
-    def _split(self, scores):
-        """``[g | h' | h | F]`` (F, the projected features, in training only). One ``split``
-        rather than four slices: each slice's backward fills a zero gradient of the full
-        (R, 2 + 2C + d) width, a third of the loss's time at LVIS scale."""
-        c = self.num_classes
-        return torch.split(scores, [2, c, c, scores.shape[1] - 2 - 2 * c], dim=1)
+    def _fgbg_and_rest(self, scores):
+        if self.training and scores.shape[1] != 2 + self.cls_score.in_features:
+            raise ValueError(
+                f"LDA: training-mode scores must be [g | z] with {2 + self.cls_score.in_features} "
+                f"columns, got {scores.shape[1]}; compute them with the predictor in training mode"
+            )
+        return scores[:, :2], scores[:, 2:]
+
+    def _class_logits(self, rest):
+        """``(h', h)`` logits from the columns after g: z in training, the logits in eval."""
+        logits = self.cls_score(rest) if self.training else rest
+        return torch.split(logits, self.num_classes, dim=1)
 
     @torch.no_grad()
     def _update_alpha_window(self, unbalanced, balanced, labels) -> None:
@@ -205,12 +220,18 @@ class LDAOutputLayers(LongTailOutputLayers):
         return adaptive_alpha(self.lda_acc_unbalanced, self.lda_acc_balanced, self.gamma).float()
 
     def classification_loss(self, scores, gt_classes):
-        fgbg, unbalanced, balanced, features = self._split(scores)
+        if not self.training:
+            raise RuntimeError(
+                "LDA's losses need the training-mode forward (the projection head p runs in "
+                "training only); call predictor.train() before computing them"
+            )
+        fgbg, z = self._fgbg_and_rest(scores)
         positive = gt_classes < self.num_classes
         labels = gt_classes[positive]
-        unbalanced, balanced, features = unbalanced[positive], balanced[positive], features[positive]
-        if self.training:
-            self._update_alpha_window(unbalanced.detach(), balanced.detach(), labels)
+        z = z[positive]
+        unbalanced, balanced = self._class_logits(z)
+        features = self.projection(z)
+        self._update_alpha_window(unbalanced.detach(), balanced.detach(), labels)
         alpha = self.alpha().to(scores.device)
         eps_u = unbalanced_risk(
             unbalanced, labels,
@@ -237,5 +258,5 @@ class LDAOutputLayers(LongTailOutputLayers):
         }
 
     def class_probs(self, scores):
-        fgbg, _, balanced, _ = self._split(scores)
-        return lda_probs(fgbg, balanced)
+        fgbg, rest = self._fgbg_and_rest(scores)
+        return lda_probs(fgbg, self._class_logits(rest)[1])
