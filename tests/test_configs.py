@@ -219,6 +219,7 @@ def test_lda_lvis_configs_follow_the_paper_recipe(schedule):
     assert (lda.UNBALANCED_WEIGHT, lda.BALANCED_WEIGHT) == (1.0, 2.0)
     assert (lda.PROJECTION_DIM, lda.WINDOW, lda.FIXED_ALPHA) == (128, 100, -1.0)
     assert (lda.BALANCED_NORM, lda.INTER_WEIGHTING, lda.COUNT_TYPE) == ("code", "none", "instance")
+    assert lda.UNBALANCED_NORM == "positives"  # the paper's eps_u
     assert cfg.SOLVER.IMS_PER_BATCH == 8 and cfg.SOLVER.BASE_LR == pytest.approx(0.01)
     assert cfg.SOLVER.WARMUP_ITERS == 1000 and cfg.SOLVER.WARMUP_FACTOR == pytest.approx(0.001)
     epochs = (8, 11, 12) if schedule == "1x" else (16, 22, 24)

@@ -64,7 +64,7 @@ METHODS: Sequence[Method] = (
     Method("bags", "BAGS (stage 2 on CE)", "bags_stage2_mask_rcnn_R_18_FPN.yaml", starts_from="ce"),
     Method("ecm", "ECM", "ecm_mask_rcnn_R_18_FPN.yaml"),
     Method("iif", "IIF (base10, cosine, RFS)", "iif_base10_iof_cos_mask_rcnn_R_18_FPN.yaml"),
-    Method("lda", "LDA", "lda_mask_rcnn_R_18_FPN.yaml"),
+    Method("lda", "LDA (no RFS)", "lda_mask_rcnn_R_18_FPN.yaml"),
     Method("pcb_ce", "PCB on CE", "pcb_ce_mask_rcnn_R_18_FPN.yaml"),
     Method("pcb_ce_rfs", "PCB on CE + RFS", "pcb_ce_rfs_mask_rcnn_R_18_FPN.yaml"),
     Method("pcb_eqlv2", "PCB on EQL v2", "pcb_eqlv2_mask_rcnn_R_18_FPN.yaml"),
