@@ -1,5 +1,5 @@
 """LongTailTrainer's additions that need no training run: full-model gradient clipping and the
-OUTPUT_DIR guard."""
+OUTPUT_DIR guard, and how often training start loads the training set."""
 import os
 
 import pytest
@@ -8,6 +8,8 @@ from detectron2.config import get_cfg
 
 from longtail import add_longtail_config
 from longtail.engine import LongTailTrainer, check_output_dir
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _sgd_cfg(clip_type, max_norm=1.0):
@@ -68,3 +70,33 @@ def test_output_dir_guard(tmp_path):
     with pytest.raises(FileExistsError, match="last_checkpoint"):
         check_output_dir(cfg, resume=False)
     check_output_dir(cfg, resume=True)  # continuing the run is what --resume is for
+
+
+@pytest.mark.parametrize("preflight", ["cheap", "off"])
+def test_training_start_loads_the_training_set_twice_not_three_times(tmp_path, shapes_lt_root,
+                                                                     preflight):
+    # The preflight's dicts feed the class statistics; detectron2's train loader loads its own.
+    # (On LVIS v1 train each load takes tens of seconds and gigabytes.)
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    loads = []
+    name = f"counted_shapes_lt_train_{preflight}"
+
+    def load():
+        loads.append(1)
+        return DatasetCatalog.get("shapes_lt_train")
+
+    DatasetCatalog.register(name, load)
+    MetadataCatalog.get(name).set(thing_classes=MetadataCatalog.get("shapes_lt_train").thing_classes)
+    try:
+        cfg = get_cfg()
+        add_longtail_config(cfg)
+        cfg.merge_from_file(os.path.join(REPO, "configs", "quick_schedules", "ce_instant_test.yaml"))
+        cfg.merge_from_list(["OUTPUT_DIR", str(tmp_path), "DATASETS.TRAIN", f"('{name}',)",
+                             "DATASETS.TEST", "()", "MODEL.LONGTAIL.DATA.PREFLIGHT", preflight])
+        trainer = LongTailTrainer(cfg)
+        assert len(loads) == 2  # preflight + class statistics share one; the loader's own
+        assert trainer.model.roi_heads.box_predictor.num_classes == 30
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)

@@ -14,7 +14,7 @@ Index k of every list is the contiguous class id k used by the model.
 import json
 import logging
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils import comm
@@ -174,7 +174,9 @@ class ClassStats:
             json.dump(data, f, indent=1)
 
 
-def _stats_from_datasets(dataset_names: Sequence[str]) -> ClassStats:
+def _stats_from_datasets(
+    dataset_names: Sequence[str], loaded: Mapping[str, list]
+) -> ClassStats:
     names: Optional[List[str]] = None
     dicts: List[dict] = []
     for name in dataset_names:
@@ -184,20 +186,23 @@ def _stats_from_datasets(dataset_names: Sequence[str]) -> ClassStats:
         if names is not None and list(classes) != names:
             raise ValueError(f"DATASETS.TRAIN {list(dataset_names)} do not share one class list.")
         names = list(classes)
-        dicts.extend(DatasetCatalog.get(name))
+        dicts.extend(loaded[name] if name in loaded else DatasetCatalog.get(name))
     return ClassStats.from_dataset_dicts(dicts, names)
 
 
 _CACHE: Dict[tuple, ClassStats] = {}
 
 
-def load_class_stats(cfg) -> ClassStats:
+def load_class_stats(cfg, dataset_dicts: Optional[Mapping[str, list]] = None) -> ClassStats:
     """The class statistics that ``cfg`` asks for, identical on every rank.
 
     Reads ``MODEL.LONGTAIL.CLASS_STATS_PATH`` when set, else counts ``DATASETS.TRAIN`` on the main
     rank and broadcasts the result. Results are cached per process, so the model, the hooks and the
     evaluator share one copy. In a multi-process run every rank must call this (the first time)
     because of the broadcast.
+
+    ``dataset_dicts`` (name -> dicts, e.g. what the data preflight loaded) are counted instead of
+    loading those datasets again.
     """
     path = cfg.MODEL.LONGTAIL.CLASS_STATS_PATH
     key = (path, tuple(cfg.DATASETS.TRAIN), cfg.MODEL.ROI_HEADS.NUM_CLASSES)
@@ -207,7 +212,11 @@ def load_class_stats(cfg) -> ClassStats:
         stats = ClassStats.from_json(path)
         source = path
     else:
-        stats = _stats_from_datasets(cfg.DATASETS.TRAIN) if comm.is_main_process() else None
+        stats = (
+            _stats_from_datasets(cfg.DATASETS.TRAIN, dataset_dicts or {})
+            if comm.is_main_process()
+            else None
+        )
         if comm.get_world_size() > 1:
             stats = comm.all_gather(stats)[0]
         source = f"DATASETS.TRAIN {list(cfg.DATASETS.TRAIN)}"

@@ -30,7 +30,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog, detection_utils
@@ -809,13 +809,21 @@ def check_registered_dataset(
     reported, and if the metadata names its json file that json is checked instead, so that the
     report lists every problem rather than the first.
     """
+    return _load_and_check(name, full=full, max_records=max_records, workers=workers)[0]
+
+
+def _load_and_check(
+    name: str, *, full: bool, max_records: int = 5, workers: Optional[int] = None
+) -> Tuple[PreflightReport, Optional[list]]:
+    """:func:`check_registered_dataset`, also returning the loaded dicts (None if loading
+    failed), so that training can reuse them instead of loading the dataset again."""
     started = time.perf_counter()
     if name not in DatasetCatalog.list():
         report = PreflightReport(name, "full" if full else "cheap", max_records)
         report.add("dataset_not_loadable", 1, [
             f"no dataset is registered as {name!r}: check the spelling, or register it first "
             "(e.g. longtail.data.register_lvis_style_instances)"])
-        return report
+        return report, None
     meta = MetadataCatalog.get(name)
     try:
         dicts = DatasetCatalog.get(name)
@@ -830,7 +838,7 @@ def check_registered_dataset(
             report = PreflightReport(name, "full" if full else "cheap", max_records)
         report.add("dataset_not_loadable", 1, [f"{type(e).__name__}: {e}"])
         report.seconds = time.perf_counter() - started
-        return report
+        return report, None
     id_map = getattr(meta, "thing_dataset_id_to_contiguous_id", None)
     report = check_dataset_dicts(
         dicts, getattr(meta, "thing_classes", None), name=name, full=full,
@@ -838,16 +846,21 @@ def check_registered_dataset(
         workers=workers,
     )
     report.seconds = time.perf_counter() - started  # loading included
-    return report
+    return report, dicts
 
 
 # ---- training ----------------------------------------------------------------------------------
-def preflight_training_datasets(cfg) -> None:
+def preflight_training_datasets(cfg) -> Dict[str, list]:
     """The preflight of every ``DATASETS.TRAIN`` dataset at the start of training
     (``MODEL.LONGTAIL.DATA.PREFLIGHT``: "cheap", "full" or "off").
 
     The main rank checks and logs the summaries; every rank calls this (the verdict is shared) so
     that all of them stop together on errors.
+
+    Returns:
+        The dataset dicts the main rank loaded for the check, by dataset name, for the class
+        statistics to reuse (an LVIS train split takes tens of seconds to load); empty on the
+        other ranks and when the preflight is off.
 
     Raises:
         DatasetPreflightError: some dataset has errors; the message shows them and what to run.
@@ -858,12 +871,15 @@ def preflight_training_datasets(cfg) -> None:
             f"MODEL.LONGTAIL.DATA.PREFLIGHT must be 'cheap', 'full' or 'off', got {mode!r}.")
     if mode == "off":
         logger.info("Data preflight is off (MODEL.LONGTAIL.DATA.PREFLIGHT off).")
-        return
+        return {}
     message = None
+    loaded: Dict[str, list] = {}
     if comm.is_main_process():
         failed = []
         for name in cfg.DATASETS.TRAIN:
-            report = check_registered_dataset(name, full=mode == "full")
+            report, dicts = _load_and_check(name, full=mode == "full")
+            if dicts is not None:
+                loaded[name] = dicts
             if not report.ok:
                 logger.error("%s", report.summary())
                 failed.append(report)
@@ -886,3 +902,4 @@ def preflight_training_datasets(cfg) -> None:
         message = comm.all_gather(message)[0]
     if message:
         raise DatasetPreflightError(message)
+    return loaded

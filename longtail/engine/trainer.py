@@ -106,10 +106,12 @@ class LongTailTrainer(DefaultTrainer):
             setup_logger()
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         # A data mistake should cost minutes, not the hours until the loader meets it.
-        preflight_training_datasets(cfg)
+        loaded = preflight_training_datasets(cfg)
         # Every rank computes (or receives) the statistics before the model is built, because
-        # predictors read them in from_config and the broadcast needs all ranks at once.
-        class_stats = load_class_stats(cfg)
+        # predictors read them in from_config and the broadcast needs all ranks at once. They
+        # count the dicts the preflight loaded rather than loading the datasets a second time.
+        class_stats = load_class_stats(cfg, dataset_dicts=loaded)
+        del loaded  # the train loader keeps its own (serialised) copy
         if comm.is_main_process():
             class_stats.to_json(os.path.join(cfg.OUTPUT_DIR, "class_stats.json"))
 

@@ -617,7 +617,7 @@ def _classifier_kind(model) -> str:
         return "sigmoid" if predictor.use_sigmoid_ce else "softmax"
     if isinstance(predictor, (SoftmaxCEOutputLayers, IIFOutputLayers)):
         return "softmax"
-    return "unsupported"  # e.g. LDA's 2 + 2C logits: no mmdetection counterpart
+    return "unsupported"  # e.g. LDA's four heads (g, h', h, p): no mmdetection counterpart
 
 
 def _pcb_indices(target_state, module: str):
