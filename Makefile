@@ -29,8 +29,10 @@ $(PY):
 	echo "creating $(VENV) with $$py"; \
 	"$$py" -m venv $(VENV)
 
+# --no-cache-dir: torch's wheels (several GB with its CUDA dependencies) are installed once; a
+# second copy in pip's cache only fills the disk (a CI run once failed with "No space left").
 $(STAMP): $(PY) requirements.txt pyproject.toml
-	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
+	$(PY) -m pip install --disable-pip-version-check --no-cache-dir -q -r requirements.txt
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	@touch $@
 
