@@ -42,7 +42,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-# The README's three result tables: every method on shapes-lt (about an hour on 2 cores), the
+# The README's three result tables: every method on shapes-lt (under an hour on 2 cores), the
 # per-method head overhead at LVIS scale, and the evaluator against lvis-api.
 benchmark: $(STAMP)
 	$(PY) -m longtail.tools.benchmark --out $(BENCH_OUTPUT)/accuracy
