@@ -106,7 +106,7 @@ class Schedule:
 
 SCHEDULES: Dict[str, Schedule] = {
     # The leaves' 360 iterations at half their batch (8 -> 4) and, by the linear scaling rule,
-    # half their LR (0.02 -> 0.01): 15 runs must fit in an hour on 2 CPU cores. Evaluated on the
+    # half their LR (0.02 -> 0.01): 14 runs must fit in an hour on 2 CPU cores. Evaluated on the
     # full val split (456 images, 30 instances per class).
     "full": Schedule(max_iter=360, steps=(270, 330), warmup=100, test_set="shapes_lt_val"),
     # A pipeline check: every method trains and evaluates, but on a schedule far too short for

@@ -167,12 +167,14 @@ class LDAOutputLayers(LongTailOutputLayers):
         return torch.cat([fgbg, head], dim=1), self.bbox_pred(z)
 
     def _fgbg_and_rest(self, scores):
+        """``(g, rest)``. One ``split`` rather than two slices: each slice's backward fills a zero
+        gradient of the full (R, 2 + D) width (the pattern fixed in BAGS' loss)."""
         if self.training and scores.shape[1] != 2 + self.cls_score.in_features:
             raise ValueError(
                 f"LDA: training-mode scores must be [g | z] with {2 + self.cls_score.in_features} "
                 f"columns, got {scores.shape[1]}; compute them with the predictor in training mode"
             )
-        return scores[:, :2], scores[:, 2:]
+        return torch.split(scores, [2, scores.shape[1] - 2], dim=1)
 
     def _class_logits(self, rest):
         """``(h', h)`` logits from the columns after g: z in training, the logits in eval."""
